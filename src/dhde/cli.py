@@ -1,0 +1,145 @@
+"""Command-line interface: a thin layer over :mod:`dhde.pipeline`."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from . import __version__
+from .config import DHDEConfig
+from .errors import DHDEError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm", ".pgm", ".gif"}
+
+
+def _fail(message: str) -> None:
+    click.echo(f"dhde: error: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dhde")
+def main() -> None:
+    """DHDE defocus estimation (Park, Tai, Cho, Kweon, CVPR 2017).
+
+    Given a photo, estimate how blurred every pixel is (a defocus map in σ of
+    a Gaussian kernel, in pixels) and which regions are out of focus (a blur
+    mask). Run `dhde COMMAND --help` for each command's options.
+    """
+
+
+def write_outputs(result, out_dir: Path, stem: str, intermediates: bool, vmin: float, vmax: float) -> list[Path]:
+    """Write one image's result files; returns the paths written."""
+    from .io import save_colormapped_png, save_float_tiff, save_mask_png, save_png
+
+    written = [
+        save_float_tiff(out_dir / f"{stem}_defocus.tif", result.defocus),
+        save_colormapped_png(out_dir / f"{stem}_defocus.png", result.defocus, vmin, vmax),
+        save_mask_png(out_dir / f"{stem}_mask.png", result.mask),
+    ]
+    if intermediates:
+        written += [
+            save_float_tiff(out_dir / f"{stem}_sparse.tif", result.sparse),
+            save_float_tiff(out_dir / f"{stem}_confidence.tif", result.confidence),
+            save_float_tiff(out_dir / f"{stem}_jbf.tif", result.jbf),
+            save_float_tiff(out_dir / f"{stem}_dense.tif", result.dense),
+            # 0 = no edge, 127 = weak edge (scale 1), 255 = strong edge (scale 2)
+            save_png(out_dir / f"{stem}_edges.png", (result.edge_map.astype("uint16") * 255 // 2).astype("uint8")),
+        ]
+    return written
+
+
+@main.command()
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--model", "-m", type=click.Path(path_type=Path), default=None,
+              help="Model file in dhde's format (e.g. from `dhde convert-caffe`). Default: the packaged model.")
+@click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("dhde-out"), show_default=True,
+              help="Output folder.")
+@click.option("--intermediates", is_flag=True,
+              help="Also write the sparse, confidence, JBF and dense maps (float32 TIFF) and the edge map (PNG).")
+@click.option("--canny", "canny_variant", type=click.Choice(["r2016a", "r2017"]), default="r2016a", show_default=True,
+              help="MATLAB Canny flavour: 16-tap Gaussian (R2016a) or 13-tap (later releases).")
+@click.option("--no-median", is_flag=True, help="Skip the final weighted median filter (the paper's map).")
+@click.option("--threads", type=int, default=0, show_default=True, help="Threads for the network and OpenCV; 0 = all cores.")
+@click.option("--timings", is_flag=True, help="Print per-stage times.")
+def estimate(images, model, out_dir, intermediates, canny_variant, no_median, threads, timings) -> None:
+    """Estimate defocus maps of IMAGES and write them to --out.
+
+    Per input stem, writes STEM_defocus.tif (float32, σ in pixels of the
+    input), STEM_defocus.png (colour-mapped, colour bar in σ) and
+    STEM_mask.png (255 = blurred, the CUHK convention).
+    """
+    from .pipeline import DefocusEstimator
+
+    if not images:
+        _fail("no input image given (usage: dhde estimate IMAGE... --model MODEL)")
+    config = dataclasses.replace(
+        DHDEConfig(), canny_variant=canny_variant, wmf_enabled=not no_median, num_threads=threads
+    )
+    try:
+        estimator = DefocusEstimator(model, config)
+    except DHDEError as exc:
+        _fail(str(exc))
+    sigma = estimator.model.sigma_labels
+    failures: list[tuple[Path, str]] = []
+    for path in images:
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                result = estimator.estimate(path)
+            for w in caught:
+                click.echo(f"dhde: warning: {path}: {w.message}", err=True)
+            written = write_outputs(result, out_dir, Path(path).stem, intermediates, min(sigma), max(sigma))
+        except DHDEError as exc:
+            failures.append((path, str(exc)))
+            click.echo(f"dhde: error: {exc}", err=True)
+            continue
+        click.echo(f"{path}: {len(written)} files in {out_dir} ({result.total_time:.2f} s)")
+        if timings:
+            click.echo("  " + ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items()))
+    if failures:
+        click.echo(f"dhde: {len(failures)} of {len(images)} images failed:", err=True)
+        for path, msg in failures:
+            click.echo(f"  {path}: {msg}", err=True)
+        sys.exit(1)
+
+
+@main.command("convert-caffe")
+@click.argument("caffemodel", type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Output model file (.onnx).")
+def convert_caffe(caffemodel: Path, out: Path) -> None:
+    """Convert the authors' released Caffe weights to dhde's model format.
+
+    CAFFEMODEL is DHDE_model.caffemodel from the authors' release. No Caffe
+    installation is needed: the protobuf is decoded directly.
+    """
+    from .caffe import convert_caffemodel
+
+    try:
+        path = convert_caffemodel(caffemodel, out)
+    except DHDEError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {path}")
+
+
+@main.command("model-info")
+@click.argument("model", type=click.Path(path_type=Path))
+def model_info(model: Path) -> None:
+    """Print the metadata of a model file."""
+    from .model import DefocusModel
+
+    try:
+        loaded = DefocusModel.load(model)
+    except DHDEError as exc:
+        _fail(str(exc))
+    for key, value in sorted(loaded.metadata.items()):
+        click.echo(f"{key}: {value}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,234 @@
+"""Reading photos and writing result maps.
+
+Images enter the pipeline as float64 RGB in [0, 1], shape (H, W, 3), with the
+EXIF orientation applied (a phone photo is processed the way it is viewed).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageLoadError
+
+ImageSource = Union[str, os.PathLike, np.ndarray, Image.Image]
+
+_TIFF_SUFFIXES = {".tif", ".tiff"}
+
+
+def _pil_to_rgb_float(img: Image.Image) -> np.ndarray:
+    """Convert any Pillow image to float64 RGB in [0, 1] (alpha dropped)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        gray = np.asarray(img, dtype=np.float64) / 65535.0
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        return array_to_rgb(arr)
+    if mode == "1":
+        img = img.convert("L")
+    elif mode not in ("RGB", "L"):
+        # Palette, CMYK, YCbCr, LAB, HSV, LA, RGBA, ...: Pillow's own conversion
+        # is the colour-managed-free standard; alpha is dropped, not composited,
+        # so transparent pixels keep their colour.
+        img = img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float64) / 255.0
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return arr
+
+
+def array_to_rgb(array: np.ndarray) -> np.ndarray:
+    """Normalise an in-memory image to float64 RGB in [0, 1], shape (H, W, 3).
+
+    Accepts (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays (alpha dropped) of
+    dtype uint8 (÷255), uint16 (÷65535), bool, or float (taken as [0, 1] and
+    clipped). Non-finite values are an error.
+    """
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise ImageLoadError(f"unsupported image array shape {array.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float64) / 255.0
+    if arr.dtype == np.uint16:
+        return arr.astype(np.float64) / 65535.0
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float64)
+    if np.issubdtype(arr.dtype, np.integer):
+        info = np.iinfo(arr.dtype)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ImageLoadError(f"integer image values out of range for dtype {arr.dtype}")
+        scale = 255.0 if arr.max() <= 255 else 65535.0
+        del info
+        return arr.astype(np.float64) / scale
+    if np.issubdtype(arr.dtype, np.floating):
+        out = arr.astype(np.float64)
+        if not np.all(np.isfinite(out)):
+            raise ImageLoadError("image array contains NaN or infinite values")
+        return np.clip(out, 0.0, 1.0)
+    raise ImageLoadError(f"unsupported image dtype {arr.dtype}")
+
+
+def _load_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        arr = tifffile.imread(path)
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise ImageLoadError(f"cannot read TIFF {path}: {exc}".splitlines()[0]) from exc
+    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
+        arr = np.moveaxis(arr, 0, 2)  # planar (C, H, W) storage
+    return array_to_rgb(arr)
+
+
+def load_image(source: ImageSource) -> np.ndarray:
+    """Load a photo as float64 RGB in [0, 1], shape (H, W, 3).
+
+    ``source`` is a path (any format Pillow reads; TIFF through tifffile, so
+    16-bit and float TIFFs keep their precision), a Pillow image, or a numpy
+    array (see :func:`array_to_rgb`). The EXIF orientation tag is applied.
+    Grayscale inputs are replicated to three channels; alpha is dropped;
+    16-bit inputs are scaled by 1/65535.
+
+    Raises :class:`~dhde.errors.ImageLoadError` with a one-line message for a
+    missing, unreadable, truncated or unsupported file.
+    """
+    if isinstance(source, np.ndarray):
+        return array_to_rgb(source)
+    if isinstance(source, Image.Image):
+        return _pil_to_rgb_float(ImageOps.exif_transpose(source))
+    path = Path(source)
+    if not path.exists():
+        raise ImageLoadError(f"no such file: {path}")
+    if path.is_dir():
+        raise ImageLoadError(f"is a directory, not an image: {path}")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"empty file: {path}")
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+        return _load_tiff(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if _is_16bit_colour_png(img):
+                    return _load_16bit_colour_png(path)
+                img.load()
+                return _pil_to_rgb_float(ImageOps.exif_transpose(img))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"image too large (decompression-bomb guard): {path}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(f"not a recognised image file: {path}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageLoadError(f"cannot read image {path}: {reason}") from exc
+
+
+def _is_16bit_colour_png(img: Image.Image) -> bool:
+    # Pillow decodes 16-bit-per-channel colour PNGs to 8 bits (raw mode
+    # "RGB;16B"); OpenCV keeps all 16, so such files go through OpenCV.
+    return img.format == "PNG" and any(str(t.args).endswith(";16B") for t in img.tile) and img.mode in ("RGB", "RGBA")
+
+
+def _load_16bit_colour_png(path: Path) -> np.ndarray:
+    import cv2
+
+    data = np.fromfile(path, dtype=np.uint8)  # np.fromfile: non-ASCII paths work
+    arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageLoadError(f"cannot read image {path}: OpenCV could not decode it")
+    arr = arr[..., [2, 1, 0]] if arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]]
+    return array_to_rgb(arr)
+
+
+def to_uint8(rgb: np.ndarray) -> np.ndarray:
+    """float [0, 1] → uint8 with MATLAB's rounding (half away from zero).
+
+    For 8-bit sources this returns the decoded bytes exactly.
+    """
+    scaled = np.clip(rgb, 0.0, 1.0) * 255.0
+    return np.floor(scaled + 0.5).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------
+# Writing outputs
+# --------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Write through a temporary file in the same folder, then rename.
+
+    An interrupted run never leaves a half-written file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_float_tiff(path: Path, array: np.ndarray) -> Path:
+    """Save a (H, W) map as a float32 TIFF (values unchanged, e.g. σ in pixels)."""
+    import tifffile
+
+    data = np.ascontiguousarray(array, dtype=np.float32)
+    return _atomic_write(path, lambda p: tifffile.imwrite(p, data, photometric="minisblack"))
+
+
+def save_png(path: Path, array: np.ndarray) -> Path:
+    """Save a uint8 (H, W) or (H, W, 3) array as PNG."""
+    img = Image.fromarray(np.ascontiguousarray(array))
+    return _atomic_write(path, lambda p: img.save(p, format="PNG"))
+
+
+def save_mask_png(path: Path, mask: np.ndarray) -> Path:
+    """Save a boolean blur mask as PNG, 255 = blurred (the CUHK convention)."""
+    return save_png(path, np.where(mask, 255, 0).astype(np.uint8))
+
+
+def save_colormapped_png(
+    path: Path,
+    sigma_map: np.ndarray,
+    vmin: float,
+    vmax: float,
+    cmap: str = "magma",
+    label: str = "defocus σ (px)",
+) -> Path:
+    """Save a σ map colour-mapped, with a colour bar in σ units, as PNG.
+
+    The image is drawn at its native resolution (one map pixel per screen
+    pixel at 100 dpi) with a colour bar on its right; ``vmin``/``vmax`` fix
+    the colour scale so that maps of different photos compare.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    h, w = sigma_map.shape
+    dpi = 100.0
+    bar_w = 110.0  # pixels for colour bar and its labels
+    fig = Figure(figsize=((w + bar_w) / dpi, h / dpi), dpi=dpi)
+    ax = fig.add_axes((0.0, 0.0, w / (w + bar_w), 1.0))
+    ax.set_axis_off()
+    im = ax.imshow(sigma_map, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    cax = fig.add_axes((w / (w + bar_w) + 0.02 * bar_w / (w + bar_w), 0.05, 0.2 * bar_w / (w + bar_w), 0.9))
+    bar = fig.colorbar(im, cax=cax)
+    bar.set_label(label)
+    return _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))

@@ -1,0 +1,273 @@
+"""The DHDE pipeline, top to bottom as in the paper.
+
+1. gray image and two-threshold Canny edges → scale of every edge pixel (§1–2)
+2. multi-scale patches and hand-crafted features f_D, f_G, f_S (§3–4)
+3. the network: deep feature f_C + classifier → σ label and confidence (§5)
+4. sparse defocus map and confidence at edge pixels (§7)
+5. rolling-guidance-filtered guide image (§8)
+6. probability-joint bilateral filter of the sparse map (§9)
+7. propagation to every pixel with the matting Laplacian (§10)
+8. joint weighted median filter (§11, released code only)
+9. blur mask by the α threshold rule (§12)
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import numpy as np
+
+from . import edges, features, jbf, matting, patches, rgf, segmentation, wmf
+from .config import DHDEConfig
+from .errors import ImageTooSmallError, NoModelError
+from .io import ImageSource, load_image, to_uint8
+from .model import DefocusModel
+
+ModelSource = Union[str, Path, DefocusModel, None]
+
+
+class NoEdgesWarning(UserWarning):
+    """The image has no edge pixels, so defocus cannot be measured anywhere."""
+
+
+@dataclass
+class DefocusResult:
+    """Everything the pipeline computed for one image.
+
+    All maps are float64 (H, W) in σ pixels of the processed image unless
+    stated otherwise.
+
+    Attributes:
+        sparse: σ of the predicted label at edge pixels, 0 elsewhere.
+        confidence: probability of the predicted label at edge pixels, 0 elsewhere.
+        jbf: probability-joint bilateral filtered sparse map (edge pixels only).
+        dense: propagated map (every pixel), before the median filter.
+        defocus: the final map (after the weighted median filter if enabled).
+        mask: bool (H, W), True = out of focus (α rule).
+        edge_map: uint8 (H, W), 0 none, 1 weak edge (scale 1), 2 strong (scale 2).
+        guide: float64 (H, W, 3) rolling-guidance-filtered image.
+        positions: int64 (N, 2) [row, col] of the classified edge pixels.
+        probabilities: float32 (N, 11) network output per edge pixel.
+        timings: seconds per stage, in pipeline order.
+    """
+
+    sparse: np.ndarray
+    confidence: np.ndarray
+    jbf: np.ndarray
+    dense: np.ndarray
+    defocus: np.ndarray
+    mask: np.ndarray
+    edge_map: np.ndarray
+    guide: np.ndarray
+    positions: np.ndarray
+    probabilities: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_time(self) -> float:
+        return float(sum(self.timings.values()))
+
+
+def default_model_path() -> Optional[Path]:
+    """Path of the model shipped inside the package, or None if none ships."""
+    path = Path(__file__).parent / "models" / "default.onnx"
+    return path if path.exists() else None
+
+
+def resolve_model(model: ModelSource, config: DHDEConfig) -> DefocusModel:
+    """Load ``model`` (a path or an already loaded model; None = the default)."""
+    if isinstance(model, DefocusModel):
+        return model
+    if model is None:
+        path = default_model_path()
+        if path is None:
+            raise NoModelError(
+                "no default model ships with this version of dhde; pass a model file "
+                "(--model PATH; convert the authors' weights with `dhde convert-caffe`)"
+            )
+        model = path
+    return DefocusModel.load(model, num_threads=config.num_threads)
+
+
+class _StageTimer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+class DefocusEstimator:
+    """Reusable DHDE estimator: loads the model once, processes many images.
+
+    >>> estimator = DefocusEstimator("authors.onnx")      # doctest: +SKIP
+    >>> result = estimator("photo.jpg")                    # doctest: +SKIP
+    >>> result.defocus.shape, result.mask.dtype            # doctest: +SKIP
+    ((512, 640), dtype('bool'))
+    """
+
+    def __init__(self, model: ModelSource = None, config: Optional[DHDEConfig] = None):
+        self.config = config or DHDEConfig()
+        # The model's own σ labels are authoritative (a model may be trained
+        # with other labels); config.sigma_labels is what training uses.
+        self.model = resolve_model(model, self.config)
+
+    def __call__(self, image: ImageSource) -> DefocusResult:
+        return self.estimate(image)
+
+    def estimate(self, image: ImageSource) -> DefocusResult:
+        """Estimate the defocus map of one image (path, array or Pillow image)."""
+        cfg = self.config
+        timer = _StageTimer()
+
+        with timer("load"):
+            rgb = load_image(image)
+        min_side = 2 * max(cfg.patch_radius) + 1
+        if min(rgb.shape[:2]) < min_side:
+            raise ImageTooSmallError(
+                f"image is {rgb.shape[1]}×{rgb.shape[0]} px; DHDE needs at least {min_side}×{min_side} (one patch)"
+            )
+
+        # §1–2: gray image, edges and the scale of every edge pixel.
+        with timer("edges"):
+            gray = edges.value_channel(rgb)
+            weak, strong = cfg.canny_thresholds()
+            edge_map = edges.edge_scale_map(gray, weak, strong, variant=cfg.canny_variant, sigma=cfg.canny_sigma)
+            positions, n_scale1 = patches.patch_positions(edge_map)
+
+        sigma_labels = np.asarray(self.model.sigma_labels, dtype=np.float64)
+        height, width = gray.shape
+        if len(positions) == 0:
+            return self._no_edge_result(rgb, edge_map, positions, sigma_labels, timer)
+
+        # §3–5: multi-scale patches, hand-crafted features, network.
+        with timer("features"):
+            scales = patches.position_scales(len(positions), n_scale1)
+            f_dct, f_grd, f_svd = features.hand_crafted_features(gray, positions, scales, cfg)
+        with timer("network"):
+            rgb_u8 = to_uint8(rgb)
+            probabilities = self.model.predict_image(
+                features.quantise_features(f_dct),
+                features.quantise_features(f_grd),
+                features.quantise_features(f_svd),
+                rgb_u8,
+                positions,
+                scales,
+                batch_size=cfg.network_batch,
+            )
+
+        # §7: sparse map and confidence at edge pixels.
+        with timer("sparse"):
+            label = np.argmax(probabilities, axis=1)
+            rows, cols = positions[:, 0], positions[:, 1]
+            sparse = np.zeros((height, width))
+            confidence = np.zeros((height, width))
+            sparse[rows, cols] = sigma_labels[label]
+            confidence[rows, cols] = probabilities[np.arange(len(label)), label]
+            edge_mask = edge_map > 0
+
+        # §8: guide image.
+        with timer("rgf"):
+            guide = rgf.rolling_guidance_filter(rgb, cfg.rgf_sigma_s, cfg.rgf_sigma_r, cfg.rgf_iterations)
+
+        # §9: probability-joint bilateral filter.
+        with timer("jbf"):
+            jbf_map = jbf.probability_joint_bilateral_filter(
+                sparse,
+                confidence,
+                edge_mask,
+                guide[..., cfg.jbf_guide_channel],
+                window=cfg.jbf_window,
+                sigma_s=cfg.jbf_sigma_s,
+                sigma_r=cfg.jbf_sigma_r,
+                sigma_c=cfg.jbf_sigma_c,
+            )
+
+        # §10: propagation with the matting Laplacian.
+        with timer("laplacian"):
+            laplacian = matting.matting_laplacian(guide, eps=cfg.matting_eps, radius=cfg.matting_radius)
+        with timer("solve"):
+            dense = matting.propagate(
+                laplacian, edge_mask, jbf_map, lam=cfg.propagation_lambda, solver=cfg.solver, tol=cfg.solver_tol
+            )
+
+        # §11: joint weighted median filter.
+        with timer("wmf"):
+            if cfg.wmf_enabled:
+                defocus = wmf.weighted_median_filter(
+                    dense, guide, cfg.wmf_radius, cfg.wmf_sigma, cfg.wmf_iterations, cfg.wmf_seed
+                )
+            else:
+                defocus = dense.copy()
+
+        # §12: blur mask.
+        with timer("mask"):
+            mask = segmentation.blur_mask(defocus, cfg.mask_alpha)
+
+        return DefocusResult(
+            sparse=sparse,
+            confidence=confidence,
+            jbf=jbf_map,
+            dense=dense,
+            defocus=defocus,
+            mask=mask,
+            edge_map=edge_map,
+            guide=guide,
+            positions=positions,
+            probabilities=probabilities,
+            timings=timer.timings,
+        )
+
+    def _no_edge_result(self, rgb, edge_map, positions, sigma_labels, timer) -> DefocusResult:
+        """A flat image has no edges: return a uniform map at the smallest σ.
+
+        Without edges there is no evidence of blur anywhere; the documented
+        result is "everything in focus" (σ = the smallest label, empty mask),
+        with a :class:`NoEdgesWarning`.
+        """
+        warnings.warn(
+            "image has no edges: defocus is undetermined; returning a uniform map at the smallest σ",
+            NoEdgesWarning,
+            stacklevel=3,
+        )
+        height, width = edge_map.shape
+        zeros = np.zeros((height, width))
+        uniform = np.full((height, width), sigma_labels[0])
+        return DefocusResult(
+            sparse=zeros,
+            confidence=zeros.copy(),
+            jbf=zeros.copy(),
+            dense=uniform,
+            defocus=uniform.copy(),
+            mask=np.zeros((height, width), dtype=bool),
+            edge_map=edge_map,
+            guide=rgb.copy(),
+            positions=positions,
+            probabilities=np.zeros((0, len(sigma_labels)), dtype=np.float32),
+            timings=timer.timings,
+        )
+
+
+def estimate(image: ImageSource, model: ModelSource = None, config: Optional[DHDEConfig] = None) -> DefocusResult:
+    """Estimate the defocus map of one image.
+
+    Args:
+        image: a path, a numpy array (see :func:`dhde.io.array_to_rgb`) or a
+            Pillow image.
+        model: a model file in dhde's format (e.g. the authors' weights
+            converted with ``dhde convert-caffe``), a loaded
+            :class:`~dhde.model.DefocusModel`, or None for the packaged default.
+        config: pipeline parameters (default: the authors' values).
+
+    For many images, build one :class:`DefocusEstimator` and call it
+    repeatedly: the model session is then created once.
+    """
+    return DefocusEstimator(model, config).estimate(image)
