@@ -9,7 +9,9 @@ def blur_threshold(defocus: np.ndarray, alpha: float = 0.3) -> float:
     """τ = α·max(D) + (1−α)·min(D), in the units of ``defocus`` (σ)."""
     d_min = float(np.min(defocus))
     d_max = float(np.max(defocus))
-    return alpha * d_max + (1.0 - alpha) * d_min
+    # Written as min + α·(max − min): algebraically the same, but exact for a
+    # constant map (α·c + (1−α)·c can round below c and mark everything).
+    return d_min + alpha * (d_max - d_min)
 
 
 def blur_mask(defocus: np.ndarray, alpha: float = 0.3) -> np.ndarray:
