@@ -1,0 +1,97 @@
+"""Per-stage speed and memory of the DHDE pipeline on the reference images.
+
+Usage:
+    python benchmarks/bench_pipeline.py [--model authors.onnx] [--runs 5]
+
+Without --model, the authors' weights are converted from
+$DHDE_SHARED/reference/DHDE_model.caffemodel (default ../shared) into a
+temporary file. Prints, for reference images 0001 and 0002: the median time of
+every stage over --runs warm runs, the end-to-end median, the cold first call
+(in a fresh process, CLI included) and the peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DHDE_SHARED", REPO.parent / "shared"))
+IMAGES = ["0001", "0002"]
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cold_cli_seconds(image: Path, model: Path) -> float:
+    """Wall time of one `dhde estimate` in a fresh interpreter (imports, model load, writes)."""
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "dhde.cli", "estimate", str(image), "--model", str(model), "--out", out],
+            check=True,
+            capture_output=True,
+        )
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--no-cold", action="store_true", help="skip the fresh-process CLI measurement")
+    args = parser.parse_args()
+
+    tmp = tempfile.TemporaryDirectory()
+    model_path = args.model
+    if model_path is None:
+        from dhde.caffe import convert_caffemodel
+
+        model_path = convert_caffemodel(SHARED / "reference" / "DHDE_model.caffemodel", Path(tmp.name) / "authors.onnx")
+
+    from dhde.io import save_colormapped_png, save_float_tiff, save_mask_png
+    from dhde.pipeline import DefocusEstimator
+
+    t0 = time.perf_counter()
+    estimator = DefocusEstimator(model_path)
+    print(f"model load: {time.perf_counter() - t0:.3f} s")
+
+    for image_id in IMAGES:
+        image = SHARED / "reference" / "images" / f"{image_id}.jpg"
+        start = time.perf_counter()
+        first = estimator(image)
+        first_call = time.perf_counter() - start
+        runs = []
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            result = estimator(image)
+            runs.append((time.perf_counter() - start, result.timings))
+        stages = list(runs[0][1])
+        print(f"\n== {image_id}: {first.defocus.shape[1]}×{first.defocus.shape[0]}, {len(first.positions)} patches ==")
+        for stage in stages:
+            print(f"  {stage:<10} {statistics.median(r[1][stage] for r in runs):7.3f} s")
+        warm = statistics.median(r[0] for r in runs)
+        print(f"  {'TOTAL':<10} {warm:7.3f} s  (median of {args.runs} warm runs; first in-process call {first_call:.3f} s)")
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as out:
+            save_float_tiff(Path(out) / "d.tif", result.defocus)
+            save_colormapped_png(Path(out) / "d.png", result.defocus, 0.5, 2.0)
+            save_mask_png(Path(out) / "m.png", result.mask)
+        print(f"  writing outputs {time.perf_counter() - start:.3f} s")
+        if not args.no_cold:
+            cold = cold_cli_seconds(image, Path(model_path))
+            print(f"  cold CLI run {cold:.3f} s  (= warm + {cold - warm:.3f} s)")
+    print(f"\npeak RSS: {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
