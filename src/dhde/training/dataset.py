@@ -161,35 +161,40 @@ def image_samples(
     positions, n = balanced_positions(edge_map, rng, max_positions)
     if n == 0:
         return empty_samples()
-    scales = patches.position_scales(len(positions), n)
+    scales = patches.patch_scales(len(positions), n)
 
     # The authors pad the image by each scale's radius, then blur the padded
     # image with replicate borders. Blurring a replicate-padded image with
     # replicate borders equals blurring the infinitely replicate-extended
     # image, whatever the pad width, so one pad by the largest radius serves
-    # both scales. The feature code pads its input again; Canny never marks
-    # the outermost pixel row/column, so no patch (nor the forward difference
-    # of the gradient image) reaches that second padding: every value a patch
-    # sees is the authors' value.
+    # both scales. (The authors' gradient images differ from the one of this
+    # wider pad only in their last row and column, which no patch reaches:
+    # Canny never marks the outermost image row or column.)
     pad = max(config.patch_radius)
-    rgb_padded = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-    padded_positions = positions + pad
+    rgb_padded = patches.pad_replicate(rgb, pad)
 
     n_labels = len(config.sigma_labels)
     per_label: list[dict[str, np.ndarray]] = []
-    for label, sigma in enumerate(config.sigma_labels):
+    for sigma in config.sigma_labels:
         blurred = blur_padded(rgb_padded, sigma)
-        blurred_gray = edges.value_channel(blurred)
-        f_dct, f_grd, f_svd = features.hand_crafted_features(blurred_gray, padded_positions, scales, config)
+        # Gray and gradient are recomputed from the blurred image (§6.3).
+        gray_padded = edges.value_channel(blurred)
+        gradient_padded = patches.gradient_image(gray_padded)
+        hand = features.HandCraftedFeatures.concatenate(
+            [
+                features.scale_features(gray_padded, gradient_padded, pad, positions[:n], 1, config),
+                features.scale_features(gray_padded, gradient_padded, pad, positions[n:], 2, config),
+            ]
+        )
         per_label.append(
             {
-                "dct": features.quantise_features(f_dct),
-                "grd": features.quantise_features(f_grd),
-                "svd": features.quantise_features(f_svd),
-                "patch": patches.colour_patches(to_uint8(blurred), padded_positions, scales, config),
+                "dct": features.quantise_features(hand.dct),
+                "grd": features.quantise_features(hand.gradient),
+                "svd": features.quantise_features(hand.svd),
+                "patch": patches.colour_patches(to_uint8(blurred), pad, positions, scales, config),
             }
         )
-    samples = {key: np.concatenate([part[key] for part in per_label]).astype(np.uint8) for key in ("dct", "grd", "svd", "patch")}
+    samples = {key: np.concatenate([part[key] for part in per_label]).astype(np.uint8) for key in per_label[0]}
     samples["label"] = np.repeat(np.arange(n_labels, dtype=np.uint8), len(positions))
     samples["position"] = np.tile(positions.astype(np.int32), (n_labels, 1))
     samples["scale"] = np.tile(scales.astype(np.uint8), n_labels)

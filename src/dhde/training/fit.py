@@ -32,7 +32,7 @@ from torch import nn
 from .. import __version__
 from ..model import DEEP_FEATURE, HAND_FEATURES
 from .dataset import SampleSet, load_split, read_manifest
-from .network import DHDENet, FeatureSpec, export_model, grow_features, parse_features
+from .network import FEATURE_SCALE, PATCH_SCALE, DHDENet, FeatureSpec, export_model, grow_features, parse_features
 
 #: Slack on the "within one class" test for float σ values.
 _SIGMA_EPS = 1e-9
@@ -137,10 +137,7 @@ def _save_checkpoint(path: Path, net: DHDENet, info: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "state_dict": net.state_dict(),
-        "features": list(net.features),
-        "n_classes": net.n_classes,
-        "dropout": net.dropout.p,
-        "input_scale": net.input_scale,
+        "hyperparameters": {**net.hyperparameters(), "features": list(net.features)},
         **info,
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
@@ -156,7 +153,7 @@ def _save_checkpoint(path: Path, net: DHDENet, info: dict) -> None:
 def load_checkpoint(path: Union[str, Path]) -> DHDENet:
     """Rebuild a :class:`DHDENet` from a checkpoint written by :func:`fit`."""
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    net = DHDENet(payload["features"], payload["n_classes"], payload["dropout"], payload["input_scale"])
+    net = DHDENet(**payload["hyperparameters"])
     net.load_state_dict(payload["state_dict"])
     return net
 
@@ -239,6 +236,8 @@ def fit(
     weight_decay: float = 1e-4,
     optimizer: str = "adamw",
     dropout: float = 0.5,
+    patch_scale: float = PATCH_SCALE,
+    feature_scale: float = FEATURE_SCALE,
     num_threads: int = 2,
     checkpoint_path: Optional[Union[str, Path]] = None,
     log: Optional[Callable[[str], None]] = print,
@@ -261,6 +260,9 @@ def fit(
         weight_decay: decoupled (AdamW) or L2 (Adam) weight decay.
         optimizer: "adamw" or "adam".
         dropout: dropout after fc1 and fc2.
+        patch_scale, feature_scale: input scaling inside the net (see
+            :class:`~dhde.training.network.DHDENet`; folded into the
+            exported weights).
         num_threads: torch intra-op threads during the fit (restored after).
         checkpoint_path: where the best weights so far are saved
             (``torch.save``); default ``out_path`` with suffix ``.pt``.
@@ -297,7 +299,7 @@ def fit(
         started = time.perf_counter()
         for stage_features, stage_name, stage_epochs, stage_lr in stages:
             if net is None:
-                net = DHDENet(stage_features, n_classes, dropout)
+                net = DHDENet(stage_features, n_classes, dropout, patch_scale, feature_scale)
             else:
                 net = grow_features(net, stage_features)
             net, stage_history, best_val = train_stage(
@@ -335,6 +337,8 @@ def fit(
         "batch_size": batch_size,
         "weight_decay": weight_decay,
         "dropout": dropout,
+        "patch_scale": patch_scale,
+        "feature_scale": feature_scale,
         "val": asdict(best_val) if best_val is not None else None,
         "test": asdict(test_eval),
         "history": [asdict(h) for h in history],

@@ -11,10 +11,16 @@ here too: the exported model's probabilities are then those the loss saw.
 Inputs are what the dhde model format feeds (``dhde.model``): hand-crafted
 features as uint8 0..255 (N, 40) and colour patches as uint8 (N, 27, 27, 3)
 in the natural [y, x, rgb] layout. The authors fed these values unscaled; this
-module multiplies them by ``input_scale`` (default 1/255) first, which keeps
-activations of order one and so suits Adam's default step sizes. The scale is
-folded into conv1's and fc1's weights on export (both are linear in their
-input), so the exported ONNX model takes 0..255 values as every dhde model does.
+module multiplies patches by ``patch_scale`` and features by ``feature_scale``
+first, which keeps activations of order one and so suits Adam's default step
+sizes. The scales are folded into conv1's and fc1's weights on export (both
+layers are linear in their input), so the exported ONNX model takes 0..255
+values as every dhde model does.
+
+Caveat of the authors' design: with a ReLU before the softmax, a net whose
+fc3 outputs all turn negative outputs a uniform distribution and gets no
+gradient any more (the loss sticks at ln 11 ≈ 2.398). Too large a learning
+rate does this early in training (seen with Adam at 4e-3); 1e-3 to 2e-3 is safe.
 
 ``features`` selects which of f_D, f_G, f_S, f_C the classifier sees, in the
 fixed order ("dct", "grd", "svd", "deep") of fc1's input — the paper's
@@ -40,6 +46,11 @@ from ..model import DEEP_FEATURE, HAND_FEATURE_LENGTH, HAND_FEATURES, KNOWN_FEAT
 
 #: Width of the deep feature f_C (conv4's channels).
 DEEP_WIDTH = 25
+#: Default input scaling (see the module docstring). Patches: 0..255 → [0, 1].
+#: Features: a log-normalised feature sums to 1 over 13 or 25 bins, so its
+#: entries are ~10–20 after ×255; ×1/16 brings them near 1 (bias entries 16).
+PATCH_SCALE = 1.0 / 255.0
+FEATURE_SCALE = 1.0 / 16.0
 #: Paper notation → dhde feature names. "B" (f_B) is all four.
 FEATURE_LETTERS = {"D": ("dct",), "G": ("grd",), "S": ("svd",), "C": (DEEP_FEATURE,), "B": KNOWN_FEATURES}
 
@@ -88,8 +99,10 @@ class DHDENet(nn.Module):
             (see :func:`parse_features`).
         n_classes: number of σ labels (11).
         dropout: dropout probability after fc1 and fc2 (the authors' 0.5).
-        input_scale: factor applied to the 0..255 inputs (1/255 by default;
-            1.0 reproduces the authors' unscaled inputs).
+        patch_scale: factor applied to the 0..255 colour patches (default
+            1/255; 1.0 = the authors' unscaled input).
+        feature_scale: factor applied to the 0..255 hand-crafted features
+            (default :data:`FEATURE_SCALE`; 1.0 = the authors' input).
 
     Call with a dict of uint8 or float tensors: ``"dct"``, ``"grd"``,
     ``"svd"`` (N, 40) and ``"patch"`` (N, 27, 27, 3), natural layout; entries
@@ -98,11 +111,12 @@ class DHDENet(nn.Module):
     """
 
     def __init__(self, features: FeatureSpec = "B", n_classes: int = 11, dropout: float = 0.5,
-                 input_scale: float = 1.0 / 255.0):
+                 patch_scale: float = PATCH_SCALE, feature_scale: float = FEATURE_SCALE):
         super().__init__()
         self.features = parse_features(features)
         self.n_classes = int(n_classes)
-        self.input_scale = float(input_scale)
+        self.patch_scale = float(patch_scale)
+        self.feature_scale = float(feature_scale)
         self.deep = _deep_tower() if DEEP_FEATURE in self.features else None
         width = sum(DEEP_WIDTH if f == DEEP_FEATURE else HAND_FEATURE_LENGTH for f in self.features)
         # fc1 has no bias: the hand-crafted features' constant entries play
@@ -136,14 +150,24 @@ class DHDENet(nn.Module):
         for name in self.features:
             if name == DEEP_FEATURE:
                 # (N, y, x, c) → (N, c, y, x): the natural layout of dhde models.
-                patch = inputs["patch"].permute(0, 3, 1, 2).float() * self.input_scale
+                patch = inputs["patch"].permute(0, 3, 1, 2).float() * self.patch_scale
                 parts.append(self.deep(patch))
             else:
-                parts.append(inputs[name].float() * self.input_scale)
+                parts.append(inputs[name].float() * self.feature_scale)
         x = torch.cat(parts, dim=1)
         x = self.dropout(torch.relu(self.fc1(x)))
         x = self.dropout(torch.relu(self.fc2(x)))
         return torch.relu(self.fc3(x))
+
+    def hyperparameters(self) -> dict:
+        """Constructor arguments that rebuild this net (weights aside)."""
+        return {
+            "features": self.features,
+            "n_classes": self.n_classes,
+            "dropout": self.dropout.p,
+            "patch_scale": self.patch_scale,
+            "feature_scale": self.feature_scale,
+        }
 
     def fc1_columns(self) -> dict[str, slice]:
         """Columns of fc1's weight that read each feature."""
@@ -166,7 +190,7 @@ def grow_features(trained: DHDENet, features: FeatureSpec) -> DHDENet:
     Raises:
         ValueError: ``features`` does not include every feature of ``trained``.
     """
-    grown = DHDENet(features, trained.n_classes, trained.dropout.p, trained.input_scale)
+    grown = DHDENet(**{**trained.hyperparameters(), "features": features})
     if not set(trained.features) <= set(grown.features):
         raise ValueError(f"cannot grow features {list(trained.features)} into {list(grown.features)}")
     with torch.no_grad():
@@ -185,8 +209,8 @@ def grow_features(trained: DHDENet, features: FeatureSpec) -> DHDENet:
 def export_weights(net: DHDENet) -> dict[str, np.ndarray]:
     """The net's weights in dhde's weight-dict convention, for 0..255 inputs.
 
-    ``input_scale`` is folded into conv1's kernel and fc1's hand-crafted
-    columns (exact: both layers are linear in the scaled inputs), so the
+    ``patch_scale`` is folded into conv1's kernel and ``feature_scale`` into
+    fc1's hand-crafted columns (exact: both layers are linear in the scaled inputs), so the
     returned weights expect the unscaled uint8 values of the model format.
     fc1 gets an all-zero bias (the format's fc layers all carry one).
     """
@@ -197,11 +221,11 @@ def export_weights(net: DHDENet) -> dict[str, np.ndarray]:
         for k, index in enumerate(conv_indices, start=1):
             weights[f"conv{k}.weight"] = state[f"deep.{index}.weight"]
             weights[f"conv{k}.bias"] = state[f"deep.{index}.bias"]
-        weights["conv1.weight"] = weights["conv1.weight"] * net.input_scale
+        weights["conv1.weight"] = weights["conv1.weight"] * net.patch_scale
     fc1 = state["fc1.weight"].copy()
     for name, columns in net.fc1_columns().items():
         if name in HAND_FEATURES:
-            fc1[:, columns] *= net.input_scale
+            fc1[:, columns] *= net.feature_scale
     weights["fc1.weight"] = fc1
     weights["fc1.bias"] = np.zeros(fc1.shape[0])
     for layer in ("fc2", "fc3"):

@@ -1,0 +1,315 @@
+"""Training (ALGORITHM.md §6): dataset building, the torch network, its export, a smoke fit.
+
+The dataset tests use four small sharp photos of the shared ``train_sharp``
+folder (Set5). The torch tests skip when torch (the ``train`` extra) is absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from dhde import edges, features
+from dhde.config import DHDEConfig
+from dhde.io import load_image, to_uint8
+from dhde.training import dataset
+
+SET5 = ["Set5/baby.png", "Set5/bird.png", "Set5/butterfly.png", "Set5/head.png"]
+MAX_POSITIONS = 200
+SPLIT = (0.5, 0.25, 0.25)
+
+
+@pytest.fixture(scope="module")
+def sharp_dir(shared_dir: Path) -> Path:
+    path = shared_dir / "data" / "train_sharp"
+    if not all((path / name).exists() for name in SET5):
+        pytest.skip(f"sharp training photos not found under {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def built(sharp_dir: Path, tmp_path_factory) -> tuple[Path, dict]:
+    """A small dataset: 4 images, ≤ 200 positions each, split 2/1/1 by image."""
+    out = tmp_path_factory.mktemp("dataset")
+    manifest = dataset.build_dataset(
+        sharp_dir, out, seed=0, max_positions_per_image=MAX_POSITIONS, split=SPLIT, images=SET5, progress=False
+    )
+    return out, manifest
+
+
+def fspecial_gaussian(size: int, sigma: float) -> np.ndarray:
+    """MATLAB's fspecial('gaussian', size, sigma), written from its definition."""
+    x = np.arange(size) - (size - 1) / 2
+    h = np.exp(-(x[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
+    h[h < np.finfo(float).eps * h.max()] = 0
+    return h / h.sum()
+
+
+def matlab_blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
+    """imfilter(rgb, fspecial('gaussian', 27, sigma), 'replicate') with scipy's 2-D correlation."""
+    kernel = fspecial_gaussian(27, sigma)
+    return np.stack([ndimage.correlate(rgb[..., c], kernel, mode="nearest") for c in range(3)], axis=2)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.25, 2.0])
+def test_blur_matches_matlab_imfilter(sigma):
+    rng = np.random.default_rng(1)
+    rgb = rng.random((40, 53, 3))
+    np.testing.assert_allclose(dataset.blur_padded(rgb, sigma), matlab_blur(rgb, sigma), rtol=0, atol=1e-13)
+
+
+def test_blur_of_padded_image_does_not_depend_on_pad_width():
+    # Why one pad by 13 serves both scales (the authors pad by 13 and by 7).
+    rng = np.random.default_rng(2)
+    rgb = rng.random((30, 35, 3))
+    wide = dataset.blur_padded(np.pad(rgb, ((13, 13), (13, 13), (0, 0)), mode="edge"), 1.7)
+    narrow = dataset.blur_padded(np.pad(rgb, ((7, 7), (7, 7), (0, 0)), mode="edge"), 1.7)
+    np.testing.assert_allclose(wide[6:-6, 6:-6], narrow, rtol=0, atol=1e-14)
+
+
+def test_balanced_positions_equal_per_scale_and_capped():
+    rng = np.random.default_rng(3)
+    edge_map = np.zeros((60, 70), np.uint8)
+    edge_map[rng.random(edge_map.shape) < 0.2] = 1
+    edge_map[rng.random(edge_map.shape) < 0.05] = 2
+    n_weak, n_strong = int((edge_map == 1).sum()), int((edge_map == 2).sum())
+
+    positions, n = dataset.balanced_positions(edge_map, np.random.default_rng(0))
+    assert n == min(n_weak, n_strong) and len(positions) == 2 * n
+    assert np.all(edge_map[positions[:n, 0], positions[:n, 1]] == 1)
+    assert np.all(edge_map[positions[n:, 0], positions[n:, 1]] == 2)
+    assert len(np.unique(positions, axis=0)) == 2 * n
+    for block in (positions[:n], positions[n:]):  # column-major, like inference
+        keys = block[:, 1] * 1000 + block[:, 0]
+        assert np.all(np.diff(keys) > 0)
+
+    capped, n_capped = dataset.balanced_positions(edge_map, np.random.default_rng(0), max_positions=51)
+    assert n_capped == 25 and len(capped) == 50
+
+
+def test_split_is_by_image_seeded_and_complete():
+    ids = [f"img{i:02d}.png" for i in range(20)]
+    split = dataset.split_images(ids, (0.8, 0.1, 0.1), seed=5)
+    assert [len(split[s]) for s in dataset.SPLITS] == [16, 2, 2]
+    assert sorted(sum(split.values(), [])) == ids
+    assert split == dataset.split_images(ids, (0.8, 0.1, 0.1), seed=5)
+    assert split != dataset.split_images(ids, (0.8, 0.1, 0.1), seed=6)
+
+
+# ---------------------------------------------------------------------------
+# A built dataset
+# ---------------------------------------------------------------------------
+
+
+def test_dataset_layout_and_counts(built):
+    out, manifest = built
+    n_labels = len(DHDEConfig().sigma_labels)
+    assert manifest["counts"] == json.loads((out / "manifest.json").read_text())["counts"]
+    assert [manifest["counts"][s]["images"] for s in dataset.SPLITS] == [2, 1, 1]
+    assert sum(c["samples"] for c in manifest["counts"].values()) == sum(r["samples"] for r in manifest["images"])
+    for split in dataset.SPLITS:
+        samples = dataset.load_split(out, split)
+        n = len(samples)
+        assert n == manifest["counts"][split]["samples"] > 0
+        assert n % n_labels == 0
+        assert samples.dct.shape == samples.grd.shape == samples.svd.shape == (n, 40)
+        assert samples.patch.shape == (n, 27, 27, 3)
+        assert all(a.dtype == np.uint8 for a in (samples.dct, samples.grd, samples.svd, samples.patch, samples.label))
+        # Every label equally often; scale-1 and scale-2 positions balanced.
+        assert np.all(np.bincount(samples.label, minlength=n_labels) == n // n_labels)
+        assert np.sum(samples.scale == 1) == np.sum(samples.scale == 2)
+        # Scale encoding: bias entry 255 in the block of the patch's scale only.
+        for name in ("dct", "grd", "svd"):
+            values = getattr(samples, name)
+            assert np.all(values[samples.scale == 1, 25] == 255) and np.all(values[samples.scale == 1, 26:] == 0)
+            assert np.all(values[samples.scale == 2, 39] == 255) and np.all(values[samples.scale == 2, :26] == 0)
+    for record in manifest["images"]:
+        assert record["samples"] <= MAX_POSITIONS * n_labels
+
+
+def test_samples_are_patches_of_the_blurred_image(built, sharp_dir):
+    """Colour patches and features of label k are those of the image blurred
+    with σ_k, cut at the recorded positions (checked away from the border,
+    where the authors' padding plays no role)."""
+    out, manifest = built
+    config = DHDEConfig()
+    image_id = "Set5/bird.png"
+    record = next(r for r in manifest["images"] if r["id"] == image_id)
+    with np.load(out / record["shard"]) as shard:
+        shard = {k: shard[k] for k in shard.files}
+    rgb = load_image(sharp_dir / image_id)
+
+    # The positions are the training-threshold edges of the sharp image.
+    edge_map = edges.edge_map_from_config(edges.value_channel(rgb), config, training=True)
+    rows, cols = shard["position"].T
+    np.testing.assert_array_equal(edge_map[rows, cols], shard["scale"])
+
+    h, w = edge_map.shape
+    for label in (0, 6, 10):
+        blurred = matlab_blur(rgb, config.sigma_labels[label])
+        pick = (shard["label"] == label) & (rows >= 14) & (rows < h - 14) & (cols >= 14) & (cols < w - 14)
+        assert pick.sum() > 20
+        positions, scales = shard["position"][pick].astype(np.int64), shard["scale"][pick]
+        assert np.all(np.diff(scales.astype(int)) >= 0)  # scale-1 patches first, as inference orders them
+        hand = features.hand_crafted_features(edges.value_channel(blurred), positions, int(np.sum(scales == 1)), config)
+        for name, f in (("dct", hand.dct), ("grd", hand.gradient), ("svd", hand.svd)):
+            stored = shard[name][pick].astype(int)
+            assert np.abs(stored - features.quantise_features(f).astype(int)).max() <= 1, name
+        u8 = to_uint8(blurred)
+        for (r, c), s, patch in zip(positions, scales, shard["patch"][pick]):
+            radius = config.patch_radius[s - 1]
+            window = u8[r - radius:r + radius + 1, c - radius:c + radius + 1]
+            inner = slice(13 - radius, 14 + radius)
+            assert np.abs(patch[inner, inner].astype(int) - window).max() <= 1
+
+
+def test_dataset_is_deterministic_and_resumable(built, sharp_dir, tmp_path):
+    out, manifest = built
+    again = dataset.build_dataset(
+        sharp_dir, tmp_path, seed=0, max_positions_per_image=MAX_POSITIONS, split=SPLIT, images=SET5, progress=False
+    )
+    assert again["split"] == manifest["split"] and again["counts"] == manifest["counts"]
+    for record in manifest["images"]:
+        with np.load(out / record["shard"]) as a, np.load(tmp_path / record["shard"]) as b:
+            for key in dataset.SHARD_ARRAYS:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{record['id']} {key}")
+
+    # Resume: a missing shard is rebuilt (identically); complete ones are kept.
+    shards = sorted((tmp_path / "shards").glob("*.npz"))
+    stamps = {p: p.stat().st_mtime_ns for p in shards}
+    shards[0].unlink()
+    dataset.build_dataset(
+        sharp_dir, tmp_path, seed=0, max_positions_per_image=MAX_POSITIONS, split=SPLIT, images=SET5, progress=False
+    )
+    assert all(p.stat().st_mtime_ns == stamps[p] for p in shards[1:])
+    with np.load(out / "shards" / shards[0].name) as a, np.load(shards[0]) as b:
+        np.testing.assert_array_equal(a["patch"], b["patch"])
+
+    # Another seed draws other positions (and rebuilds instead of reusing).
+    other = dataset.build_dataset(
+        sharp_dir, tmp_path, seed=1, max_positions_per_image=MAX_POSITIONS, split=SPLIT, images=SET5, progress=False
+    )
+    with np.load(out / "shards" / shards[0].name) as a, np.load(tmp_path / "shards" / shards[0].name) as b:
+        assert not np.array_equal(a["position"], b["position"])
+    assert other["seed"] == 1
+
+
+# ---------------------------------------------------------------------------
+# Network and export (torch)
+# ---------------------------------------------------------------------------
+
+
+def _random_inputs(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    inputs = {name: rng.integers(0, 256, (n, 40), dtype=np.uint8) for name in ("dct", "grd", "svd")}
+    inputs["patch"] = rng.integers(0, 256, (n, 27, 27, 3), dtype=np.uint8)
+    return inputs
+
+
+def test_network_shapes_follow_caffe_pooling():
+    torch = pytest.importorskip("torch")
+    from dhde.training.network import DHDENet, parse_features
+
+    net = DHDENet("B").eval()
+    x = torch.zeros(2, 3, 27, 27)
+    sizes = []
+    for layer in net.deep:
+        x = layer(x)
+        sizes.append(tuple(x.shape[1:]))
+    assert sizes[:6] == [(25, 25, 25), (25, 25, 25), (25, 9, 9), (50, 7, 7), (50, 7, 7), (50, 3, 3)]
+    assert sizes[-1] == (25,)
+    assert net.fc1.in_features == 145 and net.fc1.bias is None
+    assert parse_features("B") == ("dct", "grd", "svd", "deep")
+    assert parse_features("CSD") == ("dct", "svd", "deep")
+    with pytest.raises(ValueError):
+        parse_features("X")
+
+
+@pytest.mark.parametrize("spec", ["B", "C", "DGS", "GSC"])
+def test_exported_model_computes_what_torch_does(spec, tmp_path):
+    torch = pytest.importorskip("torch")
+    from dhde.model import DefocusModel
+    from dhde.training.network import DHDENet, export_model
+
+    torch.manual_seed(0)
+    net = DHDENet(spec).eval()
+    with torch.no_grad():  # larger weights than the init, so outputs vary
+        for p in net.parameters():
+            p.mul_(5.0)
+    inputs = _random_inputs(64)
+    with torch.no_grad():
+        expected = torch.softmax(net({k: torch.from_numpy(v) for k, v in inputs.items()}), dim=1).numpy()
+    path = export_model(net, tmp_path / "m.onnx", DHDEConfig().sigma_labels, training={"seed": 0})
+    model = DefocusModel.load(path, num_threads=1)
+    assert model.features == net.features
+    assert json.loads(model.metadata["dhde.training"]) == {"seed": 0}
+    as_float = {k: inputs[k].astype(np.float32) for k in ("dct", "grd", "svd")}
+    prob = model.predict(as_float["dct"], as_float["grd"], as_float["svd"], inputs["patch"] if model.uses_patches else None)
+    assert np.ptp(expected, axis=1).max() > 0.05  # not a flat output
+    np.testing.assert_allclose(prob, expected, rtol=0, atol=2e-5)
+
+
+def test_grow_features_keeps_the_function():
+    torch = pytest.importorskip("torch")
+    from dhde.training.network import DHDENet, grow_features
+
+    torch.manual_seed(0)
+    deep_only = DHDENet("C").eval()
+    grown = grow_features(deep_only, "B").eval()
+    inputs = {k: torch.from_numpy(v) for k, v in _random_inputs(16).items()}
+    with torch.no_grad():
+        torch.testing.assert_close(grown(inputs), deep_only(inputs), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError):
+        grow_features(DHDENet("DG"), "C")
+
+
+# The fits run torch on one thread: a 2-thread pool slows down many-fold when
+# another process holds one of the two cores (as in a parallel test run).
+
+
+def test_fit_hand_crafted_features_beat_chance(built, tmp_path):
+    pytest.importorskip("torch")
+    from dhde.training.fit import fit
+
+    out, _ = built
+    result = fit(out, tmp_path / "dgs.onnx", features="DGS", epochs=15, seed=0, lr=1e-3, num_threads=1, log=None)
+    assert [h.stage for h in result.history] == ["final"] * 15  # no deep feature: one stage
+    assert result.history[-1].train_loss < result.history[0].train_loss - 0.3
+    chance, chance_within_one = 1 / 11, 31 / 121  # uniform guess: 3 of 11 labels near, 2 at the ends
+    assert result.test.samples > 0
+    assert result.test.accuracy > 2.5 * chance
+    assert result.test.within_one > 2 * chance_within_one
+
+
+def test_fit_two_stages_and_export(built, tmp_path):
+    pytest.importorskip("torch")
+    from dhde.model import DefocusModel
+    from dhde.training.fit import fit, load_checkpoint
+
+    out, _ = built
+    lines: list[str] = []
+    result = fit(out, tmp_path / "model.onnx", features="B", epochs=3, pretrain_epochs=1, seed=0, lr=2e-3,
+                 num_threads=1, log=lines.append)
+    assert [h.stage for h in result.history] == ["f_C", "final", "final", "final"] and len(lines) == 4
+    assert result.history[-1].train_loss < result.history[0].train_loss - 0.1
+    assert result.test.accuracy > 1.5 / 11
+
+    # The exported ONNX model reproduces the test accuracy fit reported.
+    test = dataset.load_split(out, "test")
+    model = DefocusModel.load(result.model_path, num_threads=1)
+    assert model.features == ("dct", "grd", "svd", "deep")
+    prob = model.predict(test.dct.astype(np.float32), test.grd.astype(np.float32), test.svd.astype(np.float32), test.patch)
+    assert np.mean(prob.argmax(axis=1) == test.label) == pytest.approx(result.test.accuracy, abs=2e-3)
+    training = json.loads(model.metadata["dhde.training"])
+    assert training["seed"] == 0 and training["test"]["accuracy"] == result.test.accuracy
+    assert [s["stage"] for s in training["schedule"]] == ["f_C", "final"]
+    assert load_checkpoint(result.checkpoint_path).features == model.features
