@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+import dhde.model as model_module
 from dhde.caffe import authors_weights
 from dhde.errors import ModelError
 from dhde.model import DefocusModel, ModelMetadata, build_model, save_model
@@ -26,29 +27,18 @@ def quantise(features: np.ndarray) -> np.ndarray:
     return np.clip(np.floor(features * 255.0 + 0.5), 0, 255).astype(np.float32)
 
 
-def colour_patches(rgb_u8: np.ndarray, positions: np.ndarray, n_scale1: int) -> np.ndarray:
-    """Independent oracle of the 27×27 network patches (ALGORITHM.md §3).
-
-    Scale 1: the 27×27 window of the image padded by replication. Scale 2: the
-    15×15 window, padded to 27×27 by replicating its own border, i.e. the
-    window offsets clamped to ±7.
-    """
-    radius = 13
-    padded = np.pad(rgb_u8, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
-    offsets = np.arange(-radius, radius + 1)
-    patches = np.empty((len(positions), 27, 27, 3), dtype=np.uint8)
-    for part, offs in ((slice(0, n_scale1), offsets), (slice(n_scale1, None), np.clip(offsets, -7, 7))):
-        rows = positions[part, 0, None, None] + radius + offs[None, :, None]
-        cols = positions[part, 1, None, None] + radius + offs[None, None, :]
-        patches[part] = padded[rows, cols]
-    return patches
-
-
-def golden_patches(golden) -> np.ndarray:
+def golden_inputs(golden) -> dict:
+    """predict_image arguments for one golden image, from golden features and edges."""
     feats = golden["features"]
-    if "rgb_patches_u8" in feats:
-        return feats["rgb_patches_u8"]
-    return colour_patches(golden["edges"]["rgb_u8"], feats["pos"], int(feats["n_scale1"]))
+    n, n_scale1 = len(feats["pos"]), int(feats["n_scale1"])
+    return dict(
+        f_dct_q=quantise(feats["f_dct"]),
+        f_grd_q=quantise(feats["f_grd"]),
+        f_svd_q=quantise(feats["f_svd"]),
+        rgb_u8=golden["edges"]["rgb_u8"],
+        positions=feats["pos"],
+        scales=np.where(np.arange(n) < n_scale1, 1, 2),
+    )
 
 
 def test_first_patches_match_golden_probabilities(golden, authors_model):
@@ -62,10 +52,9 @@ def test_first_patches_match_golden_probabilities(golden, authors_model):
 
 
 def test_all_patches_labels_match_golden(golden, authors_model):
-    feats, cls = golden["features"], golden["classify"]
-    prob = authors_model.predict(
-        quantise(feats["f_dct"]), quantise(feats["f_grd"]), quantise(feats["f_svd"]), golden_patches(golden)
-    )
+    """The production path (shared conv1, patches cut from the image) on every patch."""
+    cls = golden["classify"]
+    prob = authors_model.predict_image(**golden_inputs(golden))
     # The authors' run fed its last partial batch unrounded: compare
     # probabilities only where the inputs are the same.
     n_rounded = int(cls["n_full_batch"])
@@ -81,15 +70,65 @@ def test_all_patches_labels_match_golden(golden, authors_model):
     assert np.all((differ >= n_rounded) | near_tie[differ])
 
 
+def test_shared_conv1_equals_per_patch_network(golden, authors_model):
+    """Conv1 + pool1 once per image == the whole network on every patch."""
+    inputs = golden_inputs(golden)
+    shared = authors_model.predict_image(**inputs)
+    per_patch = authors_model.predict_image(**inputs, shared_conv1=False)
+    np.testing.assert_allclose(shared, per_patch, rtol=0, atol=1e-5)
+    if "rgb_patches_u8" in golden["features"]:  # golden colour patches, 0002 only
+        hand = [inputs[k] for k in ("f_dct_q", "f_grd_q", "f_svd_q")]
+        from_golden_patches = authors_model.predict(*hand, golden["features"]["rgb_patches_u8"])
+        np.testing.assert_array_equal(per_patch, from_golden_patches)
+
+
+def test_file_graph_equals_execution_graphs(golden_0002, authors_model_path, authors_model):
+    """The graph as stored in the file, run as is, agrees with the runner's graphs."""
+    import onnxruntime as ort
+
+    inputs = golden_inputs(golden_0002)
+    patches = golden_0002["features"]["rgb_patches_u8"]
+    session = ort.InferenceSession(str(authors_model_path), providers=["CPUExecutionProvider"])
+    feed = {"dct": inputs["f_dct_q"], "grd": inputs["f_grd_q"], "svd": inputs["f_svd_q"],
+            "patch": patches.transpose(0, 3, 1, 2).astype(np.float32)}
+    prob, logits = session.run(["prob", "logits_relu"], feed)
+    np.testing.assert_allclose(authors_model.predict_image(**inputs), prob, rtol=0, atol=1e-5)
+    # The second output, up to the authors' unrounded last batch (logits ~1e2).
+    n_rounded = int(golden_0002["classify"]["n_full_batch"])
+    np.testing.assert_allclose(logits[:n_rounded], golden_0002["classify"]["logits_relu"][:n_rounded], rtol=1e-5, atol=1e-4)
+
+
+def test_image_bands_do_not_change_results(golden_0002, authors_model, monkeypatch):
+    """Pool maps computed in many bands of rows == in one piece."""
+    inputs = golden_inputs(golden_0002)
+    whole = authors_model.predict_image(**inputs)
+    monkeypatch.setattr(model_module, "_POOL_MAP_BYTES", 24 * 2**20)  # 48 image rows per band
+    np.testing.assert_allclose(authors_model.predict_image(**inputs), whole, rtol=0, atol=1e-6)
+
+
+def test_predict_image_checks_its_inputs(golden_0002, authors_model):
+    inputs = golden_inputs(golden_0002)
+    with pytest.raises(ValueError, match="uint8"):
+        authors_model.predict_image(**{**inputs, "rgb_u8": inputs["rgb_u8"] / 255.0})
+    outside = inputs["positions"].copy()
+    outside[0] = (480, 0)
+    with pytest.raises(ValueError, match="inside the image"):
+        authors_model.predict_image(**{**inputs, "positions": outside})
+    with pytest.raises(ValueError, match="disagree"):
+        authors_model.predict_image(**{**inputs, "f_dct_q": inputs["f_dct_q"][:-1]})
+
+
 def test_transposed_layout_equals_baked_transpose(golden_0002, authors_model, caffemodel_path, tmp_path):
     """The authors' kernels as stored + layout "transposed" == converted model."""
     metadata = dataclasses.replace(authors_model.info, patch_layout="transposed")
     path = save_model(build_model(authors_weights(caffemodel_path), metadata), tmp_path / "t.onnx")
     transposed = DefocusModel.load(path, num_threads=2)
-    feats = golden_0002["features"]
-    args = [quantise(feats[k][:500]) for k in ("f_dct", "f_grd", "f_svd")]
-    args.append(feats["rgb_patches_u8"][:500])
-    np.testing.assert_allclose(transposed.predict(*args), authors_model.predict(*args), rtol=0, atol=1e-6)
+    inputs = golden_inputs(golden_0002)
+    hand = [inputs[k] for k in ("f_dct_q", "f_grd_q", "f_svd_q")]
+    patches = golden_0002["features"]["rgb_patches_u8"]
+    expected = authors_model.predict(*hand, patches)
+    np.testing.assert_allclose(transposed.predict(*hand, patches), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(transposed.predict_image(**inputs), expected, rtol=0, atol=1e-5)
 
 
 def test_prediction_is_independent_of_batching(golden_0002, authors_model):

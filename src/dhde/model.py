@@ -27,8 +27,10 @@ feed it; see :class:`ModelMetadata`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Mapping, Optional, Union
 
@@ -71,6 +73,9 @@ _PATCH_AXES: dict[str, tuple[int, int, int, int]] = {
 # Conv tower of the deep feature: (layer, max-pool after it).
 _CONV_LAYERS = (("conv1", True), ("conv2", True), ("conv3", False), ("conv4", False))
 _POOL_SIZE = 3
+#: Channel counts inside the tower are padded to a multiple of this at run
+#: time (see _pad_conv_channels).
+_CHANNEL_MULTIPLE = 16
 
 _META_PREFIX = "dhde."
 
@@ -159,8 +164,27 @@ class ModelMetadata:
 
 
 # ---------------------------------------------------------------------------
-# Building the graph
+# The network's weights, checked
 # ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One weighted layer: conv (kernel (out, in, k, k)) or fc (matrix (out, in))."""
+
+    name: str
+    weight: np.ndarray
+    bias: np.ndarray
+    pooled: bool = False  # conv only: a Caffe max pool follows the ReLU
+
+
+@dataclass(frozen=True)
+class _Network:
+    """A model's layers, checked to fit each other and its metadata."""
+
+    convs: tuple[_Layer, ...]  # deep-feature tower, empty if the model has none
+    fcs: tuple[_Layer, ...]
+    metadata: ModelMetadata
 
 
 def _weight(weights: Mapping[str, np.ndarray], key: str, ndim: int) -> np.ndarray:
@@ -172,43 +196,151 @@ def _weight(weights: Mapping[str, np.ndarray], key: str, ndim: int) -> np.ndarra
     return array
 
 
-def _fc_layer_names(weights: Mapping[str, np.ndarray]) -> list[str]:
-    """fc1, fc2, ... for as long as the weights have them."""
-    names = []
-    while f"fc{len(names) + 1}.weight" in weights:
-        names.append(f"fc{len(names) + 1}")
-    if not names:
-        raise ModelError("weights lack 'fc1.weight'")
-    return names
+def _check_network(weights: Mapping[str, np.ndarray], metadata: ModelMetadata) -> _Network:
+    """Layers of the network that ``metadata`` describes, from ``weights``.
 
+    Raises:
+        ModelError: a weight is missing, unused or of a shape that does not fit.
+    """
+    convs: list[_Layer] = []
+    channels, size = 3, PATCH_SIZE
+    if metadata.uses_patches:
+        for name, pooled in _CONV_LAYERS:
+            layer = _Layer(name, _weight(weights, f"{name}.weight", 4), _weight(weights, f"{name}.bias", 1), pooled)
+            out_channels, in_channels, kh, kw = layer.weight.shape
+            if in_channels != channels or layer.bias.shape != (out_channels,) or kh != kw or kh > size:
+                raise ModelError(
+                    f"weights of {name} have shapes {layer.weight.shape} and {layer.bias.shape}, "
+                    f"which do not fit its {channels}×{size}×{size} input"
+                )
+            convs.append(layer)
+            channels, size = out_channels, size - kh + 1
+            if pooled:
+                size = -(-size // _POOL_SIZE)  # Caffe rounds the pooled size up
+        if size != 1:
+            raise ModelError(f"the conv layers reduce a {PATCH_SIZE}×{PATCH_SIZE} patch to {size}×{size}, not 1×1")
 
-def _conv_tower(weights: Mapping[str, np.ndarray], nodes: list, initializers: list) -> tuple[str, int]:
-    """Nodes of the deep-feature tower from ``patch``; returns (output name, width)."""
-    x, channels, size = PATCH_INPUT, 3, PATCH_SIZE
-    for layer, pooled in _CONV_LAYERS:
-        kernel = _weight(weights, f"{layer}.weight", 4)
-        bias = _weight(weights, f"{layer}.bias", 1)
-        out_channels, in_channels, kh, kw = kernel.shape
-        if in_channels != channels or bias.shape != (out_channels,) or kh != kw or kh > size:
+    width = sum(channels if f == DEEP_FEATURE else HAND_FEATURE_LENGTH for f in metadata.features)
+    fcs: list[_Layer] = []
+    while f"fc{len(fcs) + 1}.weight" in weights or not fcs:
+        name = f"fc{len(fcs) + 1}"
+        layer = _Layer(name, _weight(weights, f"{name}.weight", 2), _weight(weights, f"{name}.bias", 1))
+        if layer.weight.shape[1] != width or layer.bias.shape != (layer.weight.shape[0],):
             raise ModelError(
-                f"weights of {layer} have shapes {kernel.shape} and {bias.shape}, "
-                f"which do not fit its {channels}×{size}×{size} input"
+                f"weights of {name} have shapes {layer.weight.shape} and {layer.bias.shape}; "
+                f"its input has {width} entries"
             )
-        initializers += [numpy_helper.from_array(kernel, f"{layer}.weight"),
-                         numpy_helper.from_array(bias, f"{layer}.bias")]
-        nodes.append(helper.make_node("Conv", [x, f"{layer}.weight", f"{layer}.bias"], [layer],
-                                      name=layer, kernel_shape=[kh, kw], strides=[1, 1]))
-        nodes.append(helper.make_node("Relu", [layer], [f"{layer}_relu"], name=f"{layer}_relu"))
-        x, channels, size = f"{layer}_relu", out_channels, size - kh + 1
-        if pooled:
-            # Caffe rounds the pooled size up: the last window is partial.
-            nodes.append(helper.make_node("MaxPool", [x], [f"{layer}_pool"], name=f"{layer}_pool",
-                                          kernel_shape=[_POOL_SIZE] * 2, strides=[_POOL_SIZE] * 2, ceil_mode=1))
-            x, size = f"{layer}_pool", -(-size // _POOL_SIZE)
-    if size != 1:
-        raise ModelError(f"the conv layers reduce a {PATCH_SIZE}×{PATCH_SIZE} patch to {size}×{size}, not 1×1")
-    nodes.append(helper.make_node("Flatten", [x], [DEEP_FEATURE], name="flatten_deep", axis=1))
-    return DEEP_FEATURE, channels
+        fcs.append(layer)
+        width = layer.weight.shape[0]
+    if width != len(metadata.sigma_labels):
+        raise ModelError(
+            f"the last fc layer has {width} outputs but the metadata has {len(metadata.sigma_labels)} σ labels"
+        )
+    unused = sorted(set(weights) - {f"{layer.name}.{kind}" for layer in convs + fcs for kind in ("weight", "bias")})
+    if unused:
+        raise ModelError(f"weights not used by a model with features {list(metadata.features)}: {unused}")
+    return _Network(tuple(convs), tuple(fcs), metadata)
+
+
+def _pad_conv_channels(convs: tuple[_Layer, ...], multiple: int) -> tuple[_Layer, ...]:
+    """The tower with every conv's channels between layers zero-padded to ``multiple``.
+
+    Exact: an added channel has zero kernel and bias, so it is 0 after the
+    ReLU and the pool, and the next conv reads it with zero weights. Why:
+    onnxruntime's blocked (NCHWc) convolution kernels, several times faster
+    here, only apply to channel counts that are multiples of the SIMD block
+    (8 with AVX2, 16 with AVX-512); 25 and 50 are not. The last conv keeps
+    its outputs: they are the deep feature.
+    """
+    padded = []
+    in_pad = 0
+    for k, layer in enumerate(convs):
+        out_channels = layer.weight.shape[0]
+        out_pad = 0 if k == len(convs) - 1 else -out_channels % multiple
+        weight = np.pad(layer.weight, ((0, out_pad), (0, in_pad), (0, 0), (0, 0)))
+        padded.append(dataclasses.replace(layer, weight=weight, bias=np.pad(layer.bias, (0, out_pad))))
+        in_pad = out_pad
+    return tuple(padded)
+
+
+# ---------------------------------------------------------------------------
+# Graphs
+# ---------------------------------------------------------------------------
+
+
+class _GraphBuilder:
+    """Accumulates ONNX nodes, initializers and inputs; names are the outputs."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+
+    def input(self, name: str, shape: list, elem_type: int = TensorProto.FLOAT) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, shape))
+        return name
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str, **attributes) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attributes))
+        return output
+
+    def conv_relu(self, layer: _Layer, x: str) -> str:
+        """Conv (stride 1, no padding) → ReLU."""
+        kernel = self.const(f"{layer.name}.weight", layer.weight)
+        bias = self.const(f"{layer.name}.bias", layer.bias)
+        x = self.node("Conv", [x, kernel, bias], layer.name, kernel_shape=list(layer.weight.shape[2:]))
+        return self.node("Relu", [x], f"{layer.name}_relu")
+
+    def caffe_max_pool(self, layer: _Layer, x: str) -> str:
+        # Caffe rounds the pooled size up: the last window is partial.
+        return self.node("MaxPool", [x], f"{layer.name}_pool",
+                         kernel_shape=[_POOL_SIZE] * 2, strides=[_POOL_SIZE] * 2, ceil_mode=1)
+
+    def model(self, outputs: list[tuple[str, list]], name: str = "dhde") -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, name, self.inputs,
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, shape) for out, shape in outputs],
+            initializer=self.initializers,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                  producer_name="dhde", producer_version=__version__)
+        model.ir_version = IR_VERSION
+        return model
+
+
+def _network_graph(net: _Network, convs: tuple[_Layer, ...], deep_input: Optional[str],
+                   builder: _GraphBuilder) -> onnx.ModelProto:
+    """Finish a graph: hand-crafted inputs, tower from ``convs``, classifier.
+
+    ``convs`` are the tower's layers still to apply to ``deep_input`` (all of
+    them to the ``patch`` input; fewer when ``deep_input`` is computed
+    already). Inputs are declared in ``net.metadata.features`` order.
+    """
+    inputs: list[str] = []
+    for feature in net.metadata.features:
+        if feature != DEEP_FEATURE:
+            inputs.append(builder.input(feature, ["N", HAND_FEATURE_LENGTH]))
+            continue
+        x = deep_input or builder.input(PATCH_INPUT, ["N", 3, PATCH_SIZE, PATCH_SIZE])
+        for layer in convs:
+            x = builder.conv_relu(layer, x)
+            if layer.pooled:
+                x = builder.caffe_max_pool(layer, x)
+        inputs.append(builder.node("Flatten", [x], DEEP_FEATURE, axis=1))
+    x = builder.node("Concat", inputs, "fc_input", axis=1)
+    for layer in net.fcs:
+        weight = builder.const(f"{layer.name}.weight", layer.weight)
+        bias = builder.const(f"{layer.name}.bias", layer.bias)
+        x = builder.node("Gemm", [x, weight, bias], layer.name, transB=1)
+        # The last fc is ReLU'd too (the authors' fc3 → ReLU → softmax).
+        x = builder.node("Relu", [x], "logits_relu" if layer is net.fcs[-1] else f"{layer.name}_relu")
+    builder.node("Softmax", [x], "prob", axis=1)
+    n_classes = len(net.metadata.sigma_labels)
+    return builder.model([("prob", ["N", n_classes]), ("logits_relu", ["N", n_classes])])
 
 
 def build_model(weights: Mapping[str, np.ndarray], metadata: ModelMetadata) -> onnx.ModelProto:
@@ -231,58 +363,105 @@ def build_model(weights: Mapping[str, np.ndarray], metadata: ModelMetadata) -> o
     Raises:
         ModelError: a weight is missing, unused or of a shape that does not fit.
     """
-    nodes: list[onnx.NodeProto] = []
-    initializers: list[onnx.TensorProto] = []
-    inputs: list[onnx.ValueInfoProto] = []
-    concat_inputs: list[str] = []
-    width = 0
-    used = set()
-    for feature in metadata.features:
-        if feature == DEEP_FEATURE:
-            inputs.append(helper.make_tensor_value_info(PATCH_INPUT, TensorProto.FLOAT, ["N", 3, PATCH_SIZE, PATCH_SIZE]))
-            name, deep_width = _conv_tower(weights, nodes, initializers)
-            used |= {f"{layer}.{kind}" for layer, _ in _CONV_LAYERS for kind in ("weight", "bias")}
-            concat_inputs.append(name)
-            width += deep_width
-        else:
-            inputs.append(helper.make_tensor_value_info(feature, TensorProto.FLOAT, ["N", HAND_FEATURE_LENGTH]))
-            concat_inputs.append(feature)
-            width += HAND_FEATURE_LENGTH
-    nodes.append(helper.make_node("Concat", concat_inputs, ["fc_input"], name="concat", axis=1))
-
-    x = "fc_input"
-    fc_layers = _fc_layer_names(weights)
-    for layer in fc_layers:
-        matrix = _weight(weights, f"{layer}.weight", 2)
-        bias = _weight(weights, f"{layer}.bias", 1)
-        if matrix.shape[1] != width or bias.shape != (matrix.shape[0],):
-            raise ModelError(
-                f"weights of {layer} have shapes {matrix.shape} and {bias.shape}; its input has {width} entries"
-            )
-        initializers += [numpy_helper.from_array(matrix, f"{layer}.weight"),
-                         numpy_helper.from_array(bias, f"{layer}.bias")]
-        used |= {f"{layer}.weight", f"{layer}.bias"}
-        nodes.append(helper.make_node("Gemm", [x, f"{layer}.weight", f"{layer}.bias"], [layer], name=layer, transB=1))
-        relu = "logits_relu" if layer == fc_layers[-1] else f"{layer}_relu"
-        nodes.append(helper.make_node("Relu", [layer], [relu], name=f"{layer}_relu"))
-        x, width = relu, matrix.shape[0]
-    n_classes = len(metadata.sigma_labels)
-    if width != n_classes:
-        raise ModelError(f"the last fc layer has {width} outputs but the metadata has {n_classes} σ labels")
-    unused = sorted(set(weights) - used)
-    if unused:
-        raise ModelError(f"weights not used by a model with features {list(metadata.features)}: {unused}")
-    nodes.append(helper.make_node("Softmax", ["logits_relu"], ["prob"], name="softmax", axis=1))
-
-    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", n_classes]) for name in ("prob", "logits_relu")]
-    graph = helper.make_graph(nodes, "dhde", inputs, outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="dhde", producer_version=__version__)
-    model.ir_version = IR_VERSION
+    net = _check_network(weights, metadata)
+    model = _network_graph(net, net.convs, None, _GraphBuilder())
     model.doc_string = metadata.description
     helper.set_model_props(model, metadata.to_props())
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+def _patch_execution_graph(net: _Network) -> onnx.ModelProto:
+    """The model's graph with the tower's channels padded for speed (same results)."""
+    return _network_graph(net, _pad_conv_channels(net.convs, _CHANNEL_MULTIPLE), None, _GraphBuilder())
+
+
+# --- the shared first layer: one conv1 + pool1 per image, not per patch ----
+#
+# A scale-1 colour patch is a 27×27 window of the padded image, so conv1 over
+# the whole padded image holds conv1 of every such patch: patch (y, x)'s
+# conv1 output (a, b) is the image's conv1 at (y + a, x + b). Pool1 output
+# (i, j) of the patch is then the max of the image's conv1 over the window
+# starting at (y + 3i, x + 3j), 3×3 except that Caffe's last window (i or
+# j = 8) is partial: it covers only the last conv1 row/column of the patch
+# (25 = 8·3 + 1). So four stride-1 max maps of the image's conv1 (window
+# heights × widths in {3, last} × {3, last}) hold every patch's pool1, and
+# a patch's pool1 is a gather from them. Conv2 onward stays per patch.
+
+
+def _pool_geometry(conv1: _Layer) -> tuple[int, int, int]:
+    """(conv1 output side, pool1 output side, last pool1 window side)."""
+    conv_side = PATCH_SIZE - conv1.weight.shape[2] + 1
+    pool_side = -(-conv_side // _POOL_SIZE)
+    return conv_side, pool_side, conv_side - _POOL_SIZE * (pool_side - 1)
+
+
+def _image_head_graph(conv1: _Layer) -> onnx.ModelProto:
+    """Graph: padded image (1, 3, H, W) → pool maps (1, H', W', 4·C), H' = H − k + 1.
+
+    Channel block m = 2·(window height is the last one) + (width is the last
+    one) holds at (u, v) the max of ReLU(conv1) over the window of that size
+    whose top left is (u, v) (where the window leaves the map, over its part
+    inside). So the flattened (H'·W'·4, C) maps have pool1 candidates in row
+    (u·W' + v)·4 + m.
+    """
+    _, _, last = _pool_geometry(conv1)
+    b = _GraphBuilder()
+    relu = b.conv_relu(conv1, b.input("image", [1, 3, "H", "W"]))
+
+    def window_max(x: str, height: int, width: int, name: str) -> str:
+        if height == width == 1:
+            return x
+        # End padding keeps the map's size: one index formula for all maps.
+        return b.node("MaxPool", [x], name, kernel_shape=[height, width], pads=[0, 0, height - 1, width - 1])
+
+    maps = []
+    for height in (_POOL_SIZE, last):
+        rows = window_max(relu, height, 1, f"max{height}x1")
+        for width in (_POOL_SIZE, last):
+            maps.append(window_max(rows, 1, width, f"max{height}x{width}"))
+    stacked = b.node("Concat", maps, "maps_nchw", axis=1)
+    # Channels last: a patch's pool1 entry is then one contiguous row to gather.
+    b.node("Transpose", [stacked], "pool_maps", perm=[0, 2, 3, 1])
+    return b.model([("pool_maps", [1, "H1", "W1", 4 * conv1.weight.shape[0]])], name="dhde_image_head")
+
+
+def _pooled_tail_graph(net: _Network) -> onnx.ModelProto:
+    """Graph: (flattened pool maps, per-patch gather index, features) → prob.
+
+    Inputs ``pool_maps`` (M, C) float32 (the head's output reshaped) and
+    ``pool_index`` (N, P·P) int64 rows of it forming each patch's P×P pool1.
+    """
+    convs = _pad_conv_channels(net.convs, _CHANNEL_MULTIPLE)
+    _, pool_side, _ = _pool_geometry(convs[0])
+    channels = convs[0].weight.shape[0]
+    b = _GraphBuilder()
+    maps = b.input("pool_maps", ["M", channels])
+    index = b.input("pool_index", ["N", pool_side * pool_side], TensorProto.INT64)
+    rows = b.node("Gather", [maps, index], "pool1_rows", axis=0)
+    shape = b.const("pool1_shape", np.array([-1, pool_side, pool_side, channels], dtype=np.int64))
+    nhwc = b.node("Reshape", [rows, shape], "pool1_nhwc")
+    pool1 = b.node("Transpose", [nhwc], "pool1", perm=[0, 3, 1, 2])
+    return _network_graph(net, convs[1:], pool1, b)
+
+
+def _pool1_index(rows: np.ndarray, cols: np.ndarray, map_shape: tuple[int, int], conv1: _Layer) -> np.ndarray:
+    """Rows of the flattened pool maps that form each patch's pool1.
+
+    Args:
+        rows, cols: (n,) top-left conv1-map position of each patch's window.
+        map_shape: (H', W') of the maps.
+
+    Returns:
+        (n, P·P) int64, entry i·P + j for pool1 output (i, j).
+    """
+    _, pool_side, last = _pool_geometry(conv1)
+    height, width = map_shape
+    steps = _POOL_SIZE * np.arange(pool_side)
+    is_last = np.arange(pool_side) == pool_side - 1
+    which_map = 2 * is_last[:, None] + is_last[None, :]  # see _image_head_graph
+    offsets = (steps[:, None] * width + steps[None, :]) * 4 + which_map
+    return ((rows * width + cols) * 4)[:, None] + offsets.ravel()[None, :]
 
 
 def save_model(model: onnx.ModelProto, path: Union[str, Path]) -> Path:
@@ -305,23 +484,44 @@ def save_model(model: onnx.ModelProto, path: Union[str, Path]) -> Path:
 #: array, or an iterable of (start, stop, patches) batches covering 0..N in order.
 PatchSource = Union[np.ndarray, Iterable[tuple[int, int, np.ndarray]], None]
 
+#: Upper bound on the pool maps of one band of image rows in the shared-conv1
+#: path (the whole image when it fits): bounds memory on large images.
+_POOL_MAP_BYTES = 64 * 2**20
+
 
 class DefocusModel:
-    """A loaded dhde model: one onnxruntime session, reused for every call.
+    """A loaded dhde model; its onnxruntime sessions are made once and reused.
+
+    The file's graph defines the network. Runs use equivalent graphs built
+    from the file's weights: the tower's channels zero-padded (exact, faster
+    kernels), and, in :meth:`predict_image`, conv1 and pool1 computed once
+    per image instead of once per patch. Results agree with the file's graph
+    to float32 rounding (differences ~1e-6 in probability).
 
     >>> model = DefocusModel.load("authors.onnx", num_threads=2)   # doctest: +SKIP
     >>> prob = model.predict(f_dct_q, f_grd_q, f_svd_q, patches_u8)  # doctest: +SKIP
     """
 
     def __init__(self, model: onnx.ModelProto, where: str = "model", num_threads: Optional[int] = None):
-        """Wrap an ONNX model (see :meth:`load`); ``where`` names it in errors."""
+        """Wrap an ONNX model (see :meth:`load`); ``where`` names it in errors.
+
+        Raises:
+            ModelError: not a dhde model, or its graph is not the network
+                that :func:`build_model` makes from its weights.
+        """
+        self._where = where
         self._props = {p.key: p.value for p in model.metadata_props}
         self._info = ModelMetadata.from_props(self._props, where)
-        self._session = _make_session(model, where, DHDEConfig().num_threads if num_threads is None else num_threads)
-        expected = {PATCH_INPUT if f == DEEP_FEATURE else f for f in self._info.features}
-        found = {i.name for i in self._session.get_inputs()}
-        if found != expected:
-            raise ModelError(f"{where}: graph inputs {sorted(found)} do not match its features {list(self._info.features)}")
+        weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        try:
+            self._net = _check_network(weights, self._info)
+        except ModelError as exc:
+            raise ModelError(f"{where}: {exc}") from None
+        # The runner executes graphs derived from the weights, so the file's
+        # graph must be exactly the network those weights define.
+        if list(_network_graph(self._net, self._net.convs, None, _GraphBuilder()).graph.node) != list(model.graph.node):
+            raise ModelError(f"{where}: its graph is not the dhde network (write models with dhde.model.build_model)")
+        self._num_threads = DHDEConfig().num_threads if num_threads is None else num_threads
 
     @classmethod
     def load(cls, path: Union[str, Path], num_threads: Optional[int] = None) -> "DefocusModel":
@@ -372,8 +572,25 @@ class DefocusModel:
 
     @property
     def uses_patches(self) -> bool:
-        """Whether :meth:`predict` needs colour patches."""
+        """Whether the model needs colour patches (it computes the deep feature)."""
         return self._info.uses_patches
+
+    # --- sessions, made on first use ----------------------------------------
+
+    @cached_property
+    def _patch_session(self):
+        return _make_session(_patch_execution_graph(self._net), self._where, self._num_threads)
+
+    @cached_property
+    def _head_session(self):
+        return _make_session(_image_head_graph(_pad_conv_channels(self._net.convs, _CHANNEL_MULTIPLE)[0]),
+                             self._where, self._num_threads)
+
+    @cached_property
+    def _tail_session(self):
+        return _make_session(_pooled_tail_graph(self._net), self._where, self._num_threads)
+
+    # --- inference ----------------------------------------------------------
 
     def predict(
         self,
@@ -383,7 +600,7 @@ class DefocusModel:
         patches_u8: PatchSource = None,
         batch_size: Optional[int] = None,
     ) -> np.ndarray:
-        """Class probabilities of N patches.
+        """Class probabilities of N patches, each patch run through the whole network.
 
         Args:
             f_dct_q, f_grd_q, f_svd_q: (N, 40) quantised features (float32
@@ -401,23 +618,21 @@ class DefocusModel:
         Returns:
             prob: (N, n_classes) float32, rows sum to 1.
         """
-        hand = {"dct": f_dct_q, "grd": f_grd_q, "svd": f_svd_q}
-        used = {name: hand[name] for name in HAND_FEATURES if name in self.features}
-        for name, values in used.items():
-            if values is None or np.ndim(values) != 2 or np.shape(values)[1] != HAND_FEATURE_LENGTH:
-                raise ValueError(f"feature '{name}' must be an (N, {HAND_FEATURE_LENGTH}) array")
+        hand = self._hand_features(f_dct_q, f_grd_q, f_svd_q)
         if self.uses_patches and patches_u8 is None:
             raise ValueError("this model uses the deep feature: colour patches are required")
-        n = _patch_count(used, patches_u8 if self.uses_patches else None)
+        counts = {len(values) for values in hand.values()}
+        if isinstance(patches_u8, np.ndarray):
+            counts.add(len(patches_u8))
+        if len(counts) != 1:
+            raise ValueError(f"features and patches disagree on the number of patches: {sorted(counts) or 'none given'}")
+        n = counts.pop()
+        batch_size = batch_size or DHDEConfig().network_batch
 
-        if batch_size is None:
-            batch_size = DHDEConfig().network_batch
         if not self.uses_patches:
-            batches: Iterable[tuple[int, int, Optional[np.ndarray]]] = (
-                (start, min(start + batch_size, n), None) for start in range(0, n, batch_size)
-            )
+            batches: Iterable[tuple[int, int, Optional[np.ndarray]]] = _ranges(n, batch_size, None)
         elif isinstance(patches_u8, np.ndarray):
-            batches = _array_batches(patches_u8, batch_size)
+            batches = _ranges(n, batch_size, patches_u8)
         else:
             batches = patches_u8
 
@@ -426,39 +641,153 @@ class DefocusModel:
         for start, stop, batch in batches:
             if start != covered or not start < stop <= n:
                 raise ValueError(f"patch batches must cover 0..{n} in order; got [{start}, {stop}) after {covered}")
-            feed = {name: np.ascontiguousarray(values[start:stop], dtype=np.float32) for name, values in used.items()}
-            if batch is not None:
+            feed = _feed(hand, start, stop)
+            if self.uses_patches:
                 feed[PATCH_INPUT] = self._patch_input(batch, stop - start)
-            prob[start:stop] = self._session.run(["prob"], feed)[0]
+            prob[start:stop] = self._patch_session.run(["prob"], feed)[0]
             covered = stop
         if covered != n:
             raise ValueError(f"patch batches cover 0..{covered}, expected 0..{n}")
         return prob
 
+    def predict_image(
+        self,
+        f_dct_q: Optional[np.ndarray],
+        f_grd_q: Optional[np.ndarray],
+        f_svd_q: Optional[np.ndarray],
+        rgb_u8: np.ndarray,
+        positions: np.ndarray,
+        scales: np.ndarray,
+        batch_size: Optional[int] = None,
+        shared_conv1: bool = True,
+    ) -> np.ndarray:
+        """Class probabilities of the patches of one image, cut here.
+
+        Colour patches are those of ALGORITHM.md §3 (:func:`dhde.patches.colour_patches`).
+        With ``shared_conv1``, scale-1 patches (27×27 windows of the padded
+        image) share one conv1 + pool1 pass over the image (see
+        ``_image_head_graph``); scale-2 patches (15×15, border-replicated to
+        27×27) are not windows of the image and go through :meth:`predict`.
+
+        Args:
+            f_dct_q, f_grd_q, f_svd_q: (N, 40) quantised features, as for :meth:`predict`.
+            rgb_u8: (H, W, 3) uint8 RGB image, unpadded.
+            positions: (N, 2) int [row, col] patch centres.
+            scales: (N,) patch scale, 1 or 2.
+            batch_size: patches per onnxruntime call (default
+                ``DHDEConfig().network_batch``); results do not depend on it.
+            shared_conv1: use the shared first layer (faster, same results to
+                ~1e-6); False runs every patch through :meth:`predict`.
+
+        Returns:
+            prob: (N, n_classes) float32.
+        """
+        positions = np.asarray(positions)
+        scales = np.asarray(scales)
+        n = len(positions)
+        if rgb_u8.dtype != np.uint8 or rgb_u8.ndim != 3 or rgb_u8.shape[2] != 3:
+            raise ValueError(f"rgb_u8 must be an (H, W, 3) uint8 image, got {rgb_u8.dtype} {rgb_u8.shape}")
+        if positions.shape != (n, 2) or scales.shape != (n,):
+            raise ValueError(f"positions must be (N, 2) and scales (N,), got {positions.shape} and {scales.shape}")
+        if n and ((positions < 0).any() or (positions >= rgb_u8.shape[:2]).any()):
+            raise ValueError("patch positions must lie inside the image")
+        hand = self._hand_features(f_dct_q, f_grd_q, f_svd_q)
+        if any(len(values) != n for values in hand.values()):
+            raise ValueError(f"features and positions disagree on the number of patches ({n} positions)")
+        batch_size = batch_size or DHDEConfig().network_batch
+        if not self.uses_patches:
+            return self.predict(f_dct_q, f_grd_q, f_svd_q, None, batch_size)
+
+        from . import patches  # the patch stage; imported here to keep dhde.model light
+
+        pad = PATCH_SIZE // 2
+        rgb_padded = patches.pad_replicate(rgb_u8, pad)
+        prob = np.empty((n, len(self.sigma_labels)), dtype=np.float32)
+        windows = scales == 1 if shared_conv1 else np.zeros(n, dtype=bool)
+        if windows.any():
+            chosen = np.flatnonzero(windows)
+            prob[chosen] = self._predict_windows(rgb_padded, positions[chosen], _subset(hand, chosen), batch_size)
+        if not windows.all():
+            chosen = np.flatnonzero(~windows)
+            batches = (
+                (start, stop, patches.colour_patches(rgb_padded, pad, positions[chosen[start:stop]],
+                                                     scales[chosen[start:stop]]))
+                for start, stop, _ in _ranges(len(chosen), batch_size, None)
+            )
+            sub = _subset(hand, chosen)
+            prob[chosen] = self.predict(sub.get("dct"), sub.get("grd"), sub.get("svd"), batches)
+        return prob
+
+    def _predict_windows(self, rgb_padded: np.ndarray, positions: np.ndarray,
+                         hand: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+        """Probabilities of patches that are 27×27 windows of ``rgb_padded``.
+
+        The image is processed in bands of rows so that the pool maps stay
+        under ``_POOL_MAP_BYTES``; each band's conv1 covers the rows its
+        patches need (consecutive bands overlap by the patch size − 1 rows).
+        """
+        image = rgb_padded
+        if self._info.patch_layout == "transposed":
+            # The network sees patches transposed: use the transposed image.
+            image, positions = rgb_padded.transpose(1, 0, 2), positions[:, ::-1]
+        conv1 = _pad_conv_channels(self._net.convs, _CHANNEL_MULTIPLE)[0]
+        conv_side = _pool_geometry(conv1)[0]
+        map_width = image.shape[1] - conv1.weight.shape[2] + 1
+        row_bytes = 4 * map_width * conv1.weight.shape[0] * np.dtype(np.float32).itemsize
+        # At least a patch's height of rows per band, so overlaps cost ≤ 2×.
+        band_rows = max(PATCH_SIZE, _POOL_MAP_BYTES // row_bytes - (conv_side - 1))
+
+        prob = np.empty((len(positions), len(self.sigma_labels)), dtype=np.float32)
+        band_of = positions[:, 0] // band_rows
+        for band in np.unique(band_of):
+            chosen = np.flatnonzero(band_of == band)
+            top = band * band_rows  # first patch-window row of the band, padded coordinates
+            bottom = min(image.shape[0], top + band_rows + PATCH_SIZE - 1)
+            band_image = np.ascontiguousarray(image[top:bottom].transpose(2, 0, 1)[None], dtype=np.float32)
+            maps = self._head_session.run(["pool_maps"], {"image": band_image})[0][0]
+            flat_maps = maps.reshape(-1, conv1.weight.shape[0])
+            sub = _subset(hand, chosen)
+            for start, stop, _ in _ranges(len(chosen), batch_size, None):
+                rows = positions[chosen[start:stop], 0] - top
+                cols = positions[chosen[start:stop], 1]
+                feed = _feed(sub, start, stop)
+                feed["pool_maps"] = flat_maps
+                feed["pool_index"] = _pool1_index(rows, cols, maps.shape[:2], conv1)
+                prob[chosen[start:stop]] = self._tail_session.run(["prob"], feed)[0]
+        return prob
+
+    def _hand_features(self, *arrays: Optional[np.ndarray]) -> dict[str, np.ndarray]:
+        """The hand-crafted features the model uses, checked, by input name."""
+        used = {}
+        for name, values in zip(HAND_FEATURES, arrays):
+            if name not in self.features:
+                continue
+            if values is None or np.ndim(values) != 2 or np.shape(values)[1] != HAND_FEATURE_LENGTH:
+                raise ValueError(f"feature '{name}' must be an (N, {HAND_FEATURE_LENGTH}) array")
+            used[name] = values
+        return used
+
     def _patch_input(self, batch: np.ndarray, count: int) -> np.ndarray:
         """(count, 27, 27, 3) uint8 natural patches → the model's float32 input."""
-        if batch.shape != (count, PATCH_SIZE, PATCH_SIZE, 3):
-            raise ValueError(f"a batch of {count} colour patches must be ({count}, {PATCH_SIZE}, {PATCH_SIZE}, 3), got {batch.shape}")
+        if batch is None or batch.shape != (count, PATCH_SIZE, PATCH_SIZE, 3):
+            shape = None if batch is None else batch.shape
+            raise ValueError(f"a batch of {count} colour patches must be ({count}, {PATCH_SIZE}, {PATCH_SIZE}, 3), got {shape}")
         return np.ascontiguousarray(batch.transpose(_PATCH_AXES[self._info.patch_layout]), dtype=np.float32)
 
 
-def _patch_count(features: Mapping[str, np.ndarray], patches_u8: PatchSource) -> int:
-    """N, checked to agree across the features (and the patch array)."""
-    counts = {len(values) for values in features.values()}
-    if isinstance(patches_u8, np.ndarray):
-        counts.add(len(patches_u8))
-    if len(counts) > 1:
-        raise ValueError(f"features and patches disagree on the number of patches: {sorted(counts)}")
-    if not counts:
-        raise ValueError("a model that uses only the deep feature needs the patches as one array")
-    return counts.pop()
-
-
-def _array_batches(patches_u8: np.ndarray, batch_size: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    n = len(patches_u8)
+def _ranges(n: int, batch_size: int, patches_u8: Optional[np.ndarray]) -> Iterator[tuple[int, int, Optional[np.ndarray]]]:
+    """(start, stop, patches[start:stop] or None) batches covering 0..n."""
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        yield start, stop, patches_u8[start:stop]
+        yield start, stop, None if patches_u8 is None else patches_u8[start:stop]
+
+
+def _subset(features: Mapping[str, np.ndarray], chosen: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: values[chosen] for name, values in features.items()}
+
+
+def _feed(features: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    return {name: np.ascontiguousarray(values[start:stop], dtype=np.float32) for name, values in features.items()}
 
 
 def _make_session(model: onnx.ModelProto, where: str, num_threads: int):
@@ -475,7 +804,7 @@ def _make_session(model: onnx.ModelProto, where: str, num_threads: int):
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own, unexported error types
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{where}: onnxruntime cannot load the model: {first_line}") from None
+        raise ModelError(f"{where}: onnxruntime cannot run the model: {first_line}") from None
 
 
 __all__ = [
