@@ -241,3 +241,14 @@ def test_quantise_rounds_half_away_from_zero_and_saturates():
     assert got.dtype == np.float32
     # np.round would give 0, 2, 2, 254 for the first four.
     np.testing.assert_array_equal(got, [1, 2, 3, 255, 7, 255, 0, 0, 2])
+
+
+def test_positions_outside_the_image_are_rejected():
+    gray = np.zeros((20, 30))
+    padded = pad_replicate(gray, 13)
+    constants = constants_for_scale(1, CONFIG)
+    for bad in ([[-1, 5]], [[20, 5]], [[5, 30]]):
+        with pytest.raises(ValueError, match="inside"):
+            cut_patches(padded, 13, np.array(bad), 13)
+        with pytest.raises(ValueError, match="inside"):
+            gradient_feature(gradient_image(padded), 13, np.array(bad), constants)

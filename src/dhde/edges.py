@@ -159,9 +159,9 @@ def _local_maxima(gx: np.ndarray, gy: np.ndarray, magnitude: np.ndarray, floor: 
         gradient direction in at least one of the four direction sectors.
     """
     rows, cols = magnitude.shape
-    is_max = np.zeros((rows, cols), dtype=bool)
+    is_max = np.zeros(rows * cols, dtype=bool)
     if rows < 3 or cols < 3:
-        return is_max
+        return is_max.reshape(rows, cols)
     above = magnitude > floor
     above[[0, -1], :] = False
     above[:, [0, -1]] = False
@@ -173,28 +173,25 @@ def _local_maxima(gx: np.ndarray, gy: np.ndarray, magnitude: np.ndarray, floor: 
     # The four sectors of MATLAB's cannyFindLocalMaxima. They share their
     # boundary directions, so a pixel may belong to two and is a maximum if
     # either test passes. Each entry: membership, whether d = |iy/ix| (else
-    # |ix/iy|), then the (row, col) offsets of the neighbours interpolated on
-    # the +gradient side (weights 1−d, d) and on the −gradient side.
+    # |ix/iy|), then the flat offsets of the two neighbours interpolated on
+    # the +gradient side (weights 1−d, d) and of the two on the −gradient side.
+    east, south = 1, cols
     sectors = (
-        (((iy <= 0) & (ix > -iy)) | ((iy >= 0) & (ix < -iy)), True, (0, 1), (-1, 1), (0, -1), (1, -1)),
-        (((ix > 0) & (-iy >= ix)) | ((ix < 0) & (-iy <= ix)), False, (-1, 0), (-1, 1), (1, 0), (1, -1)),
-        (((ix <= 0) & (ix > iy)) | ((ix >= 0) & (ix < iy)), False, (-1, 0), (-1, -1), (1, 0), (1, 1)),
-        (((iy < 0) & (ix <= iy)) | ((iy > 0) & (ix >= iy)), True, (0, -1), (-1, -1), (0, 1), (1, 1)),
+        (((iy <= 0) & (ix > -iy)) | ((iy >= 0) & (ix < -iy)), True, east, east - south, -east, south - east),
+        (((ix > 0) & (-iy >= ix)) | ((ix < 0) & (-iy <= ix)), False, -south, east - south, south, south - east),
+        (((ix <= 0) & (ix > iy)) | ((ix >= 0) & (ix < iy)), False, -south, -south - east, south, south + east),
+        (((iy < 0) & (ix <= iy)) | ((iy > 0) & (ix >= iy)), True, -east, -south - east, east, south + east),
     )
     for members, d_is_y_over_x, a1, b1, a2, b2 in sectors:
         sel = np.flatnonzero(members)
-        pix = candidates[sel]
+        pixels = candidates[sel]
         # Within a sector the divisor is never zero (see the conditions).
         d = np.abs(iy[sel] / ix[sel]) if d_is_y_over_x else np.abs(ix[sel] / iy[sel])
-        mag = mag_flat[pix]
-
-        def at(offset: tuple[int, int], pix: np.ndarray = pix) -> np.ndarray:
-            return mag_flat[pix + (offset[0] * cols + offset[1])]
-
-        g1 = at(a1) * (1 - d) + at(b1) * d
-        g2 = at(a2) * (1 - d) + at(b2) * d
-        is_max.ravel()[pix[(mag >= g1) & (mag >= g2)]] = True
-    return is_max
+        mag = mag_flat[pixels]
+        g1 = mag_flat[pixels + a1] * (1 - d) + mag_flat[pixels + b1] * d
+        g2 = mag_flat[pixels + a2] * (1 - d) + mag_flat[pixels + b2] * d
+        is_max[pixels[(mag >= g1) & (mag >= g2)]] = True
+    return is_max.reshape(rows, cols)
 
 
 def _hysteresis(maxima_magnitude: np.ndarray, low: float, high: float) -> np.ndarray:

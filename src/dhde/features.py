@@ -24,7 +24,7 @@ import numpy as np
 import scipy.fft
 
 from dhde.config import DHDEConfig
-from dhde.patches import cut_patches, gradient_image, pad_replicate, patch_radius
+from dhde.patches import check_positions, cut_patches, gradient_image, pad_replicate, patch_radius
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,8 @@ def log_normalise(values: np.ndarray) -> np.ndarray:
 #: Largest m·n·k of a matrix product that OpenBLAS computes on one thread
 #: (65,536 × its default GEMM_MULTITHREAD_THRESHOLD of 4). Feature extraction
 #: parallelises over patch chunks itself; products above this size would each
-#: also start OpenBLAS's own threads, oversubscribing the cores (measured: 30×
-#: slower on a busy 2-core machine, 2× slower than single-threaded on an idle
-#: one). Products below it run single-threaded with any BLAS.
+#: also start OpenBLAS's own threads and oversubscribe the cores (measured on
+#: a busy 2-core machine: 30× slower than the same products single-threaded).
 _SINGLE_THREAD_PRODUCT_SIZE = 262_144
 
 
@@ -164,11 +163,13 @@ def dct_feature(gray_patches: np.ndarray, constants: ScaleConstants) -> np.ndarr
 def svd_feature(gray_patches: np.ndarray, constants: ScaleConstants) -> np.ndarray:
     """The nb largest singular values of each patch, log-normalised (§4, f_S).
 
-    Singular values are the square roots of the eigenvalues of PᵀP. LAPACK's
-    symmetric eigensolver on the w × w Gram matrices is ~1.7× faster than a
-    batched SVD of the patches, and its absolute error on a singular value is
-    at most ~sqrt(eps)·σ_max ≈ 3e-7 (reached only by σ near 0), so features
-    stay within ~1e-7 of the SVD's.
+    Singular values are the square roots of the eigenvalues of PᵀP: LAPACK's
+    symmetric eigensolver on the w × w Gram matrices takes about two thirds
+    of the time of a batched SVD of the patches. The price is accuracy near
+    σ = 0: a singular value's absolute error is up to ~sqrt(eps)·σ_max (≲ 4e-7
+    for a 27×27 patch in [0, 1]), which moves features by ~1e-7 at most
+    (1.1e-7 against the authors' SVD on the reference images, no uint8
+    difference).
 
     Args:
         gray_patches: (m, w, w) float64 gray patches.
@@ -213,8 +214,7 @@ def gradient_feature(
     Returns:
         (m, nb) float64, rows summing to 1.
     """
-    if constants.radius > pad:
-        raise ValueError(f"patch radius {constants.radius} exceeds the image padding {pad}")
+    check_positions(gradient_padded.shape, pad, positions, constants.radius)
     bin_image = gradient_bin_image(gradient_padded, constants)
     integral_width = bin_image.shape[1] + 1
     # Window rows [top, top + w) and columns [left, left + w) of the padded
@@ -276,15 +276,20 @@ def encode_scale(features: np.ndarray, scale: int, config: DHDEConfig) -> np.nda
         (m, 40) float64: scale 1 fills entries 0–25, scale 2 entries 26–39
         (bias last in each block); the other block is zero.
     """
+    encoded = np.zeros((len(features), encoded_length(config)), dtype=np.float64)
+    _write_encoded(encoded, features, scale, config)
+    return encoded
+
+
+def _write_encoded(out: np.ndarray, features: np.ndarray, scale: int, config: DHDEConfig) -> None:
+    """Write features and bias into their scale's block of zero-filled ``out`` rows."""
     index = scale - 1
     bins = config.feature_bins[index]
     if features.shape[1] != bins:
         raise ValueError(f"scale-{scale} features must have {bins} columns, got {features.shape[1]}")
     start = sum(config.feature_bins[:index]) + index
-    encoded = np.zeros((len(features), encoded_length(config)), dtype=np.float64)
-    encoded[:, start : start + bins] = features
-    encoded[:, start + bins] = 1.0
-    return encoded
+    out[:, start : start + bins] = features
+    out[:, start + bins] = 1.0
 
 
 def scale_features(
@@ -310,6 +315,19 @@ def scale_features(
         :class:`HandCraftedFeatures` with (m, 40) arrays.
     """
     config = config or DHDEConfig()
+    raw = _scale_features_raw(gray_padded, gradient_padded, pad, positions, scale, config)
+    return HandCraftedFeatures(*(encode_scale(f, scale, config) for f in raw))
+
+
+def _scale_features_raw(
+    gray_padded: np.ndarray,
+    gradient_padded: np.ndarray,
+    pad: int,
+    positions: np.ndarray,
+    scale: int,
+    config: DHDEConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dct, gradient, svd) features of one scale, each (m, nb), not encoded."""
     positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
     constants = constants_for_scale(scale, config)
     gray_padded = np.ascontiguousarray(gray_padded, dtype=np.float64)
@@ -322,26 +340,29 @@ def scale_features(
         dct[window] = dct_feature(patches, constants)
         svd[window] = svd_feature(patches, constants)
 
-    # numpy, BLAS and LAPACK release the GIL, so chunks run truly in parallel;
-    # chunks are at most config.feature_chunk patches to bound memory, and
-    # at most n / threads so that every thread gets work.
+    # numpy, BLAS, LAPACK and OpenCV release the GIL, so chunks run truly in
+    # parallel, alongside the (whole-image) gradient histograms.
     threads = _thread_count(config)
-    chunk = max(1, min(config.feature_chunk, -(-n // threads)))
-    windows = [slice(start, start + chunk) for start in range(0, n, chunk)]
+    windows = _chunk_windows(n, config.feature_chunk, threads)
     if threads == 1 or len(windows) <= 1:
         for window in windows:
             process(window)
+        gradient = gradient_feature(gradient_padded, pad, positions, constants)
     else:
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            # list() re-raises the first exception of any chunk.
-            list(pool.map(process, windows))
+            histograms = pool.submit(gradient_feature, gradient_padded, pad, positions, constants)
+            list(pool.map(process, windows))  # list() re-raises a chunk's exception
+            gradient = histograms.result()
+    return dct, gradient, svd
 
-    gradient = gradient_feature(gradient_padded, pad, positions, constants)
-    return HandCraftedFeatures(
-        encode_scale(dct, scale, config),
-        encode_scale(gradient, scale, config),
-        encode_scale(svd, scale, config),
-    )
+
+def _chunk_windows(n: int, max_chunk: int, threads: int) -> list[slice]:
+    """Split range(n) into equal chunks of at most ``max_chunk``, as many as a multiple of ``threads``."""
+    if n == 0:
+        return []
+    count = threads * -(-n // (threads * max(1, max_chunk)))
+    size = -(-n // count)
+    return [slice(start, start + size) for start in range(0, n, size)]
 
 
 def _thread_count(config: DHDEConfig) -> int:
@@ -377,11 +398,13 @@ def hand_crafted_features(
     pad = max(config.patch_radius)
     gray_padded = pad_replicate(np.asarray(gray, dtype=np.float64), pad)
     gradient_padded = gradient_image(gray_padded)
-    parts = [
-        scale_features(gray_padded, gradient_padded, pad, positions[:n_scale1], 1, config),
-        scale_features(gray_padded, gradient_padded, pad, positions[n_scale1:], 2, config),
-    ]
-    return HandCraftedFeatures.concatenate(parts)
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
+    result = HandCraftedFeatures(*(np.zeros((len(positions), encoded_length(config))) for _ in range(3)))
+    for scale, rows in ((1, slice(0, n_scale1)), (2, slice(n_scale1, len(positions)))):
+        raw = _scale_features_raw(gray_padded, gradient_padded, pad, positions[rows], scale, config)
+        for out, values in zip(result, raw):
+            _write_encoded(out[rows], values, scale, config)
+    return result
 
 
 def quantise_features(features: np.ndarray) -> np.ndarray:

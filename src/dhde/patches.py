@@ -101,6 +101,21 @@ def gradient_image(gray_padded: np.ndarray) -> np.ndarray:
     return gx
 
 
+def check_positions(padded_shape: tuple[int, ...], pad: int, positions: np.ndarray, radius: int) -> None:
+    """Raise ValueError unless every radius-``radius`` window lies in the padded image.
+
+    Guards the fancy indexing of the patch cutters, where a negative index
+    would silently wrap around instead of failing.
+    """
+    if radius > pad:
+        raise ValueError(f"patch radius {radius} exceeds the image padding {pad}")
+    if len(positions) == 0:
+        return
+    height, width = padded_shape[0] - 2 * pad, padded_shape[1] - 2 * pad
+    if positions.min() < 0 or positions[:, 0].max() >= height or positions[:, 1].max() >= width:
+        raise ValueError(f"patch centres must lie inside the {height}×{width} image")
+
+
 def cut_patches(padded: np.ndarray, pad: int, positions: np.ndarray, radius: int) -> np.ndarray:
     """Square windows of side 2·radius + 1 centred on ``positions``.
 
@@ -113,8 +128,7 @@ def cut_patches(padded: np.ndarray, pad: int, positions: np.ndarray, radius: int
     Returns:
         (n, w, w[, C]) contiguous copy, w = 2·radius + 1, [patch, y, x(, c)].
     """
-    if radius > pad:
-        raise ValueError(f"patch radius {radius} exceeds the image padding {pad}")
+    check_positions(padded.shape, pad, positions, radius)
     width = 2 * radius + 1
     offset = pad - radius
     rows = positions[:, 0] + offset
