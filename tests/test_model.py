@@ -70,11 +70,11 @@ def test_all_patches_labels_match_golden(golden, authors_model):
     assert np.all((differ >= n_rounded) | near_tie[differ])
 
 
-def test_shared_conv1_equals_per_patch_network(golden, authors_model):
-    """Conv1 + pool1 once per image == the whole network on every patch."""
+def test_fast_path_equals_per_patch_network(golden, authors_model):
+    """Shared conv1 + pool1 (scale 1) and core-only conv1 (scale 2) == the whole network per patch."""
     inputs = golden_inputs(golden)
     shared = authors_model.predict_image(**inputs)
-    per_patch = authors_model.predict_image(**inputs, shared_conv1=False)
+    per_patch = authors_model.predict_image(**inputs, fast=False)
     np.testing.assert_allclose(shared, per_patch, rtol=0, atol=1e-5)
     if "rgb_patches_u8" in golden["features"]:  # golden colour patches, 0002 only
         hand = [inputs[k] for k in ("f_dct_q", "f_grd_q", "f_svd_q")]

@@ -73,9 +73,6 @@ _PATCH_AXES: dict[str, tuple[int, int, int, int]] = {
 # Conv tower of the deep feature: (layer, max-pool after it).
 _CONV_LAYERS = (("conv1", True), ("conv2", True), ("conv3", False), ("conv4", False))
 _POOL_SIZE = 3
-#: Channel counts inside the tower are padded to a multiple of this at run
-#: time (see _pad_conv_channels).
-_CHANNEL_MULTIPLE = 16
 
 _META_PREFIX = "dhde."
 
@@ -155,7 +152,10 @@ class ModelMetadata:
                 f"{where} is dhde model format version {values['format_version']}; "
                 f"this dhde reads version {FORMAT_VERSION}"
             )
-        return cls(**values)  # type: ignore[arg-type]
+        try:
+            return cls(**values)  # type: ignore[arg-type]
+        except (ModelError, ValueError, TypeError) as exc:
+            raise ModelError(f"{where}: invalid dhde metadata: {exc}") from None
 
     @property
     def uses_patches(self) -> bool:
@@ -240,27 +240,6 @@ def _check_network(weights: Mapping[str, np.ndarray], metadata: ModelMetadata) -
     if unused:
         raise ModelError(f"weights not used by a model with features {list(metadata.features)}: {unused}")
     return _Network(tuple(convs), tuple(fcs), metadata)
-
-
-def _pad_conv_channels(convs: tuple[_Layer, ...], multiple: int) -> tuple[_Layer, ...]:
-    """The tower with every conv's channels between layers zero-padded to ``multiple``.
-
-    Exact: an added channel has zero kernel and bias, so it is 0 after the
-    ReLU and the pool, and the next conv reads it with zero weights. Why:
-    onnxruntime's blocked (NCHWc) convolution kernels, several times faster
-    here, only apply to channel counts that are multiples of the SIMD block
-    (8 with AVX2, 16 with AVX-512); 25 and 50 are not. The last conv keeps
-    its outputs: they are the deep feature.
-    """
-    padded = []
-    in_pad = 0
-    for k, layer in enumerate(convs):
-        out_channels = layer.weight.shape[0]
-        out_pad = 0 if k == len(convs) - 1 else -out_channels % multiple
-        weight = np.pad(layer.weight, ((0, out_pad), (0, in_pad), (0, 0), (0, 0)))
-        padded.append(dataclasses.replace(layer, weight=weight, bias=np.pad(layer.bias, (0, out_pad))))
-        in_pad = out_pad
-    return tuple(padded)
 
 
 # ---------------------------------------------------------------------------
@@ -371,9 +350,97 @@ def build_model(weights: Mapping[str, np.ndarray], metadata: ModelMetadata) -> o
     return model
 
 
+def save_model(model: onnx.ModelProto, path: Union[str, Path]) -> Path:
+    """Write a model built by :func:`build_model` to ``path`` (parents created)."""
+    path = Path(path)
+    ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, "model to save")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(model.SerializeToString())
+    except OSError as exc:
+        raise ModelError(f"cannot write model {path}: {exc.strerror or exc}") from None
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Execution graphs: equivalent to the model's graph, faster
+# ---------------------------------------------------------------------------
+
+
+def _simd_channel_block() -> int:
+    """Channel block of onnxruntime's NCHWc conv kernels here: 16 with AVX-512, else 8.
+
+    onnxruntime does not report it; numpy's CPU feature table tells AVX-512
+    apart. If that (private) table is missing, 16: a multiple of 8 too, so
+    right everywhere, at ~10 % more work on AVX2 machines.
+    """
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return 16
+    return 16 if __cpu_features__.get("AVX512F", True) else 8
+
+
+#: Channel counts inside the tower are padded to a multiple of this at run
+#: time (see _pad_conv_channels).
+_CHANNEL_MULTIPLE = _simd_channel_block()
+
+
+def _pad_conv_channels(convs: tuple[_Layer, ...], multiple: int) -> tuple[_Layer, ...]:
+    """The tower with every conv's channels between layers zero-padded to ``multiple``.
+
+    Exact: an added channel has zero kernel and bias, so it is 0 after the
+    ReLU and the pool, and the next conv reads it with zero weights. Why:
+    onnxruntime's blocked (NCHWc) convolution kernels, several times faster
+    here, only apply to channel counts that are multiples of the SIMD block
+    (8 with AVX2, 16 with AVX-512); 25 and 50 are not. The last conv keeps
+    its outputs: they are the deep feature.
+    """
+    padded = []
+    in_pad = 0
+    for k, layer in enumerate(convs):
+        out_channels = layer.weight.shape[0]
+        out_pad = 0 if k == len(convs) - 1 else -out_channels % multiple
+        weight = np.pad(layer.weight, ((0, out_pad), (0, in_pad), (0, 0), (0, 0)))
+        padded.append(dataclasses.replace(layer, weight=weight, bias=np.pad(layer.bias, (0, out_pad))))
+        in_pad = out_pad
+    return tuple(padded)
+
+
 def _patch_execution_graph(net: _Network) -> onnx.ModelProto:
     """The model's graph with the tower's channels padded for speed (same results)."""
     return _network_graph(net, _pad_conv_channels(net.convs, _CHANNEL_MULTIPLE), None, _GraphBuilder())
+
+
+# --- small patches: conv1 on the core only ---------------------------------
+#
+# A scale-2 colour patch is a w×w window (w = 15) grown to 27×27 by
+# replicating its border m = (27 − w)/2 = 6 times. Conv1 (k×k) outputs whose
+# window lies in a replicated band repeat the output next to it: conv1 of
+# the 27×27 patch at row a equals conv1 of its central core of side
+# w + 2(k − 1) (19) at row clip(a − t, 0, w + k − 2), t = m − (k − 1) (4);
+# likewise for columns. So conv1 over the core, edge-padded by t, is conv1
+# of the full patch exactly, at 17²/25² of the cost.
+
+
+def _core_trim(conv1: _Layer, small_side: int) -> int:
+    """Rows t trimmed from each side of a grown small patch (see above); 0 = none."""
+    return max(0, (PATCH_SIZE - small_side) // 2 - (conv1.weight.shape[2] - 1))
+
+
+def _core_patch_graph(net: _Network, trim: int) -> onnx.ModelProto:
+    """Graph: ``patch_core`` (N, 3, 27 − 2t, 27 − 2t) + features → prob."""
+    convs = _pad_conv_channels(net.convs, _CHANNEL_MULTIPLE)
+    b = _GraphBuilder()
+    side = PATCH_SIZE - 2 * trim
+    x = b.conv_relu(convs[0], b.input("patch_core", ["N", 3, side, side]))
+    pads = b.const("core_pads", np.array([0, 0, trim, trim, 0, 0, trim, trim], dtype=np.int64))
+    x = b.node("Pad", [x, pads], "conv1_full", mode="edge")
+    x = b.caffe_max_pool(convs[0], x)
+    return _network_graph(net, convs[1:], x, b)
 
 
 # --- the shared first layer: one conv1 + pool1 per image, not per patch ----
@@ -445,35 +512,23 @@ def _pooled_tail_graph(net: _Network) -> onnx.ModelProto:
     return _network_graph(net, convs[1:], pool1, b)
 
 
-def _pool1_index(rows: np.ndarray, cols: np.ndarray, map_shape: tuple[int, int], conv1: _Layer) -> np.ndarray:
+def _pool1_index(rows: np.ndarray, cols: np.ndarray, map_width: int, conv1: _Layer) -> np.ndarray:
     """Rows of the flattened pool maps that form each patch's pool1.
 
     Args:
-        rows, cols: (n,) top-left conv1-map position of each patch's window.
-        map_shape: (H', W') of the maps.
+        rows, cols: (n,) int, top-left conv1-map position of each patch's window.
+        map_width: W' of the maps.
 
     Returns:
         (n, P·P) int64, entry i·P + j for pool1 output (i, j).
     """
-    _, pool_side, last = _pool_geometry(conv1)
-    height, width = map_shape
+    pool_side = _pool_geometry(conv1)[1]
+    width = map_width
     steps = _POOL_SIZE * np.arange(pool_side)
     is_last = np.arange(pool_side) == pool_side - 1
     which_map = 2 * is_last[:, None] + is_last[None, :]  # see _image_head_graph
     offsets = (steps[:, None] * width + steps[None, :]) * 4 + which_map
     return ((rows * width + cols) * 4)[:, None] + offsets.ravel()[None, :]
-
-
-def save_model(model: onnx.ModelProto, path: Union[str, Path]) -> Path:
-    """Write a model built by :func:`build_model` to ``path`` (parents created)."""
-    path = Path(path)
-    ModelMetadata.from_props({p.key: p.value for p in model.metadata_props}, "model to save")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(model.SerializeToString())
-    except OSError as exc:
-        raise ModelError(f"cannot write model {path}: {exc.strerror or exc}") from None
-    return path
 
 
 # ---------------------------------------------------------------------------
@@ -587,6 +642,15 @@ class DefocusModel:
                              self._where, self._num_threads)
 
     @cached_property
+    def _core_session(self):
+        return _make_session(_core_patch_graph(self._net, self._core_trim), self._where, self._num_threads)
+
+    @cached_property
+    def _core_trim(self) -> int:
+        small_side = 2 * DHDEConfig().patch_radius[1] + 1
+        return _core_trim(self._net.convs[0], small_side)
+
+    @cached_property
     def _tail_session(self):
         return _make_session(_pooled_tail_graph(self._net), self._where, self._num_threads)
 
@@ -636,6 +700,13 @@ class DefocusModel:
         else:
             batches = patches_u8
 
+        return self._run_patch_batches(hand, batches, n, trim=0)
+
+    def _run_patch_batches(self, hand: Mapping[str, np.ndarray], batches: Iterable, n: int, trim: int) -> np.ndarray:
+        """Run (start, stop, 27×27 patches) batches covering 0..n through the
+        per-patch graph (``trim`` = 0) or the core graph (patches cropped by ``trim``)."""
+        session = self._core_session if trim else self._patch_session
+        input_name = "patch_core" if trim else PATCH_INPUT
         prob = np.empty((n, len(self.sigma_labels)), dtype=np.float32)
         covered = 0
         for start, stop, batch in batches:
@@ -643,8 +714,8 @@ class DefocusModel:
                 raise ValueError(f"patch batches must cover 0..{n} in order; got [{start}, {stop}) after {covered}")
             feed = _feed(hand, start, stop)
             if self.uses_patches:
-                feed[PATCH_INPUT] = self._patch_input(batch, stop - start)
-            prob[start:stop] = self._patch_session.run(["prob"], feed)[0]
+                feed[input_name] = self._patch_input(batch, stop - start, trim)
+            prob[start:stop] = session.run(["prob"], feed)[0]
             covered = stop
         if covered != n:
             raise ValueError(f"patch batches cover 0..{covered}, expected 0..{n}")
@@ -659,15 +730,16 @@ class DefocusModel:
         positions: np.ndarray,
         scales: np.ndarray,
         batch_size: Optional[int] = None,
-        shared_conv1: bool = True,
+        fast: bool = True,
     ) -> np.ndarray:
         """Class probabilities of the patches of one image, cut here.
 
         Colour patches are those of ALGORITHM.md §3 (:func:`dhde.patches.colour_patches`).
-        With ``shared_conv1``, scale-1 patches (27×27 windows of the padded
-        image) share one conv1 + pool1 pass over the image (see
-        ``_image_head_graph``); scale-2 patches (15×15, border-replicated to
-        27×27) are not windows of the image and go through :meth:`predict`.
+        With ``fast`` (same results to float32 rounding), scale-1 patches
+        (27×27 windows of the padded image) share one conv1 + pool1 pass
+        over the image (see ``_image_head_graph``), and scale-2 patches
+        (15×15 grown to 27×27 by border replication) run conv1 on their
+        19×19 core only (see ``_core_patch_graph``).
 
         Args:
             f_dct_q, f_grd_q, f_svd_q: (N, 40) quantised features, as for :meth:`predict`.
@@ -676,8 +748,8 @@ class DefocusModel:
             scales: (N,) patch scale, 1 or 2.
             batch_size: patches per onnxruntime call (default
                 ``DHDEConfig().network_batch``); results do not depend on it.
-            shared_conv1: use the shared first layer (faster, same results to
-                ~1e-6); False runs every patch through :meth:`predict`.
+            fast: False runs every patch through the whole network, as
+                :meth:`predict` does (the reference).
 
         Returns:
             prob: (N, n_classes) float32.
@@ -703,19 +775,20 @@ class DefocusModel:
         pad = PATCH_SIZE // 2
         rgb_padded = patches.pad_replicate(rgb_u8, pad)
         prob = np.empty((n, len(self.sigma_labels)), dtype=np.float32)
-        windows = scales == 1 if shared_conv1 else np.zeros(n, dtype=bool)
-        if windows.any():
-            chosen = np.flatnonzero(windows)
+        is_window = scales == 1
+        if fast and is_window.any():
+            chosen = np.flatnonzero(is_window)
             prob[chosen] = self._predict_windows(rgb_padded, positions[chosen], _subset(hand, chosen), batch_size)
-        if not windows.all():
-            chosen = np.flatnonzero(~windows)
+        cut = ~is_window if fast else np.ones(n, dtype=bool)
+        if cut.any():
+            chosen = np.flatnonzero(cut)
             batches = (
                 (start, stop, patches.colour_patches(rgb_padded, pad, positions[chosen[start:stop]],
                                                      scales[chosen[start:stop]]))
                 for start, stop, _ in _ranges(len(chosen), batch_size, None)
             )
-            sub = _subset(hand, chosen)
-            prob[chosen] = self.predict(sub.get("dct"), sub.get("grd"), sub.get("svd"), batches)
+            trim = self._core_trim if fast else 0  # with fast, every cut patch is a grown small one
+            prob[chosen] = self._run_patch_batches(_subset(hand, chosen), batches, len(chosen), trim)
         return prob
 
     def _predict_windows(self, rgb_padded: np.ndarray, positions: np.ndarray,
@@ -752,7 +825,7 @@ class DefocusModel:
                 cols = positions[chosen[start:stop], 1]
                 feed = _feed(sub, start, stop)
                 feed["pool_maps"] = flat_maps
-                feed["pool_index"] = _pool1_index(rows, cols, maps.shape[:2], conv1)
+                feed["pool_index"] = _pool1_index(rows, cols, maps.shape[1], conv1)
                 prob[chosen[start:stop]] = self._tail_session.run(["prob"], feed)[0]
         return prob
 
@@ -767,12 +840,14 @@ class DefocusModel:
             used[name] = values
         return used
 
-    def _patch_input(self, batch: np.ndarray, count: int) -> np.ndarray:
-        """(count, 27, 27, 3) uint8 natural patches → the model's float32 input."""
+    def _patch_input(self, batch: Optional[np.ndarray], count: int, trim: int = 0) -> np.ndarray:
+        """(count, 27, 27, 3) uint8 natural patches → the graph's float32 input,
+        in the model's layout, cropped by ``trim`` on every side."""
         if batch is None or batch.shape != (count, PATCH_SIZE, PATCH_SIZE, 3):
             shape = None if batch is None else batch.shape
             raise ValueError(f"a batch of {count} colour patches must be ({count}, {PATCH_SIZE}, {PATCH_SIZE}, 3), got {shape}")
-        return np.ascontiguousarray(batch.transpose(_PATCH_AXES[self._info.patch_layout]), dtype=np.float32)
+        core = batch[:, trim:PATCH_SIZE - trim, trim:PATCH_SIZE - trim]
+        return np.ascontiguousarray(core.transpose(_PATCH_AXES[self._info.patch_layout]), dtype=np.float32)
 
 
 def _ranges(n: int, batch_size: int, patches_u8: Optional[np.ndarray]) -> Iterator[tuple[int, int, Optional[np.ndarray]]]:
