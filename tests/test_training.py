@@ -174,8 +174,10 @@ def test_samples_are_patches_of_the_blurred_image(built, sharp_dir):
 
 def test_dataset_is_deterministic_and_resumable(built, sharp_dir, tmp_path):
     out, manifest = built
+    # Two worker processes build the same shards as one process did.
     again = dataset.build_dataset(
-        sharp_dir, tmp_path, seed=0, max_positions_per_image=MAX_POSITIONS, split=SPLIT, images=SET5, progress=False
+        sharp_dir, tmp_path, seed=0, max_positions_per_image=MAX_POSITIONS, split=SPLIT, images=SET5,
+        progress=False, workers=2,
     )
     assert again["split"] == manifest["split"] and again["counts"] == manifest["counts"]
     for record in manifest["images"]:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -291,6 +292,19 @@ def _atomic_write_json(path: Path, content: dict) -> None:
         raise
 
 
+def _build_shard(job: tuple) -> dict:
+    """Build one image's shard unless a current one exists; return its manifest record."""
+    sharp_dir, shard_dir, image_id, config, seed, max_positions, settings_key = job
+    path = shard_dir / shard_name(image_id)
+    if not _shard_is_current(path, settings_key):
+        rng = np.random.default_rng(image_seed(seed, image_id))
+        samples = image_samples(load_image(sharp_dir / image_id), config, rng, max_positions)
+        _atomic_savez(path, {**samples, "image_id": np.array(image_id), "settings": np.array(settings_key)})
+    with np.load(path) as shard:
+        n_samples = int(len(shard["label"]))
+    return {"id": image_id, "shard": f"shards/{path.name}", "samples": n_samples}
+
+
 def build_dataset(
     sharp_dir: Union[str, Path],
     out_dir: Union[str, Path],
@@ -300,6 +314,7 @@ def build_dataset(
     split: Sequence[float] = (0.8, 0.1, 0.1),
     images: Optional[Iterable[str]] = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Build (or resume building) a training dataset from sharp images.
 
@@ -316,6 +331,7 @@ def build_dataset(
         images: relative paths (POSIX) under ``sharp_dir`` to use; default
             every image found.
         progress: show a tqdm progress bar.
+        workers: processes building shards in parallel (1 = in this process).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -330,18 +346,21 @@ def build_dataset(
     settings = _settings(config, seed, max_positions_per_image)
     settings_key = _settings_key(settings)
 
+    jobs = [(sharp_dir, shard_dir, image_id, config, seed, max_positions_per_image, settings_key) for image_id in image_ids]
+    bar = tqdm(total=len(jobs), desc="dataset", unit="img", disable=not progress)
     records = []
-    bar = tqdm(image_ids, desc="dataset", unit="img", disable=not progress)
-    for image_id in bar:
-        path = shard_dir / shard_name(image_id)
-        if not _shard_is_current(path, settings_key):
-            rng = np.random.default_rng(image_seed(seed, image_id))
-            samples = image_samples(load_image(sharp_dir / image_id), config, rng, max_positions_per_image)
-            _atomic_savez(path, {**samples, "image_id": np.array(image_id), "settings": np.array(settings_key)})
-        with np.load(path) as shard:
-            n_samples = int(len(shard["label"]))
-        records.append({"id": image_id, "shard": f"shards/{path.name}", "samples": n_samples})
-        bar.set_postfix(samples=sum(r["samples"] for r in records), refresh=False)
+    if workers > 1:
+        # Images are independent and seeded by their own id, so the shards
+        # are the same whatever the number of workers or the finishing order.
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            for record in pool.map(_build_shard, jobs):
+                records.append(record)
+                bar.update()
+    else:
+        for job in jobs:
+            records.append(_build_shard(job))
+            bar.update()
+    bar.close()
 
     assignment = split_images(image_ids, split, seed)
     samples_by_id = {r["id"]: r["samples"] for r in records}

@@ -28,6 +28,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import __version__
 from ..model import DEEP_FEATURE, HAND_FEATURES
@@ -179,6 +180,7 @@ def train_stage(
     optimizer: str,
     checkpoint_path: Path,
     log: Optional[Callable[[str], None]],
+    progress: bool = False,
 ) -> tuple[DHDENet, list[EpochLog], Optional[Evaluation]]:
     """Train ``net`` for ``epochs``; return the best-on-validation weights.
 
@@ -195,6 +197,7 @@ def train_stage(
         net.train()
         order = torch.randperm(len(train), generator=generator)
         loss_sum, correct = 0.0, 0
+        bar = tqdm(total=len(train), desc=f"{stage} epoch {epoch}", unit="sample", disable=not progress, leave=False)
         for first in range(0, len(train), batch_size):
             index = order[first:first + batch_size]
             target = labels[index]
@@ -205,6 +208,8 @@ def train_stage(
             opt.step()
             loss_sum += float(loss.detach()) * len(index)
             correct += int((scores.argmax(dim=1) == target).sum())
+            bar.update(len(index))
+        bar.close()
         train_seconds = time.perf_counter() - start
         val_eval = evaluate(net, val)
         entry = EpochLog(
@@ -241,6 +246,7 @@ def fit(
     num_threads: int = 2,
     checkpoint_path: Optional[Union[str, Path]] = None,
     log: Optional[Callable[[str], None]] = print,
+    progress: bool = False,
 ) -> FitResult:
     """Train a DHDE model on a dataset and export it as a dhde model file.
 
@@ -267,6 +273,7 @@ def fit(
         checkpoint_path: where the best weights so far are saved
             (``torch.save``); default ``out_path`` with suffix ``.pt``.
         log: called with one line per epoch; None = silent.
+        progress: show a tqdm bar over each epoch's samples.
 
     Returns:
         A :class:`FitResult` with the history, the best validation scores and
@@ -304,7 +311,7 @@ def fit(
                 net = grow_features(net, stage_features)
             net, stage_history, best_val = train_stage(
                 net, train, val, stage_name, stage_epochs, generator, batch_size, stage_lr, weight_decay,
-                optimizer, checkpoint_path, log,
+                optimizer, checkpoint_path, log, progress,
             )
             history += stage_history
         training_seconds = time.perf_counter() - started
