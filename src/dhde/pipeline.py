@@ -150,8 +150,8 @@ class DefocusEstimator:
 
         # §3–5: multi-scale patches, hand-crafted features, network.
         with timer("features"):
-            scales = patches.position_scales(len(positions), n_scale1)
-            f_dct, f_grd, f_svd = features.hand_crafted_features(gray, positions, scales, cfg)
+            scales = patches.patch_scales(len(positions), n_scale1)
+            f_dct, f_grd, f_svd = features.hand_crafted_features(gray, positions, n_scale1, cfg)
         with timer("network"):
             rgb_u8 = to_uint8(rgb)
             probabilities = self.model.predict_image(
@@ -196,7 +196,8 @@ class DefocusEstimator:
             laplacian = matting.matting_laplacian(guide, eps=cfg.matting_eps, radius=cfg.matting_radius)
         with timer("solve"):
             dense = matting.propagate(
-                laplacian, edge_mask, jbf_map, lam=cfg.propagation_lambda, solver=cfg.solver, tol=cfg.solver_tol
+                laplacian, edge_mask, jbf_map, lam=cfg.propagation_lambda, solver=cfg.solver, tol=cfg.solver_tol,
+                guide=guide,
             )
 
         # §11: joint weighted median filter.
