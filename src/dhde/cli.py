@@ -130,7 +130,12 @@ def convert_caffe(caffemodel: Path, out: Path) -> None:
 @main.command("model-info")
 @click.argument("model", type=click.Path(path_type=Path))
 def model_info(model: Path) -> None:
-    """Print the metadata of a model file."""
+    """Print the metadata of a model file in dhde's format.
+
+    Shows what the file says about itself: format version, σ labels, which
+    features the network uses, the colour-patch layout, input quantisation and
+    provenance (source weights, training data, accuracies, date, version).
+    """
     from .model import DefocusModel
 
     try:
