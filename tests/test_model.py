@@ -71,7 +71,7 @@ def test_all_patches_labels_match_golden(golden, authors_model):
 
 
 def test_fast_path_equals_per_patch_network(golden, authors_model):
-    """Shared conv1 + pool1 (scale 1) and core-only conv1 (scale 2) == the whole network per patch."""
+    """Conv1 + pool1 once per image for scale-1 patches == the whole network per patch."""
     inputs = golden_inputs(golden)
     shared = authors_model.predict_image(**inputs)
     per_patch = authors_model.predict_image(**inputs, fast=False)

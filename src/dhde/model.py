@@ -415,34 +415,6 @@ def _patch_execution_graph(net: _Network) -> onnx.ModelProto:
     return _network_graph(net, _pad_conv_channels(net.convs, _CHANNEL_MULTIPLE), None, _GraphBuilder())
 
 
-# --- small patches: conv1 on the core only ---------------------------------
-#
-# A scale-2 colour patch is a w×w window (w = 15) grown to 27×27 by
-# replicating its border m = (27 − w)/2 = 6 times. Conv1 (k×k) outputs whose
-# window lies in a replicated band repeat the output next to it: conv1 of
-# the 27×27 patch at row a equals conv1 of its central core of side
-# w + 2(k − 1) (19) at row clip(a − t, 0, w + k − 2), t = m − (k − 1) (4);
-# likewise for columns. So conv1 over the core, edge-padded by t, is conv1
-# of the full patch exactly, at 17²/25² of the cost.
-
-
-def _core_trim(conv1: _Layer, small_side: int) -> int:
-    """Rows t trimmed from each side of a grown small patch (see above); 0 = none."""
-    return max(0, (PATCH_SIZE - small_side) // 2 - (conv1.weight.shape[2] - 1))
-
-
-def _core_patch_graph(net: _Network, trim: int) -> onnx.ModelProto:
-    """Graph: ``patch_core`` (N, 3, 27 − 2t, 27 − 2t) + features → prob."""
-    convs = _pad_conv_channels(net.convs, _CHANNEL_MULTIPLE)
-    b = _GraphBuilder()
-    side = PATCH_SIZE - 2 * trim
-    x = b.conv_relu(convs[0], b.input("patch_core", ["N", 3, side, side]))
-    pads = b.const("core_pads", np.array([0, 0, trim, trim, 0, 0, trim, trim], dtype=np.int64))
-    x = b.node("Pad", [x, pads], "conv1_full", mode="edge")
-    x = b.caffe_max_pool(convs[0], x)
-    return _network_graph(net, convs[1:], x, b)
-
-
 # --- the shared first layer: one conv1 + pool1 per image, not per patch ----
 #
 # A scale-1 colour patch is a 27×27 window of the padded image, so conv1 over
@@ -642,15 +614,6 @@ class DefocusModel:
                              self._where, self._num_threads)
 
     @cached_property
-    def _core_session(self):
-        return _make_session(_core_patch_graph(self._net, self._core_trim), self._where, self._num_threads)
-
-    @cached_property
-    def _core_trim(self) -> int:
-        small_side = 2 * DHDEConfig().patch_radius[1] + 1
-        return _core_trim(self._net.convs[0], small_side)
-
-    @cached_property
     def _tail_session(self):
         return _make_session(_pooled_tail_graph(self._net), self._where, self._num_threads)
 
@@ -700,13 +663,10 @@ class DefocusModel:
         else:
             batches = patches_u8
 
-        return self._run_patch_batches(hand, batches, n, trim=0)
+        return self._run_patch_batches(hand, batches, n)
 
-    def _run_patch_batches(self, hand: Mapping[str, np.ndarray], batches: Iterable, n: int, trim: int) -> np.ndarray:
-        """Run (start, stop, 27×27 patches) batches covering 0..n through the
-        per-patch graph (``trim`` = 0) or the core graph (patches cropped by ``trim``)."""
-        session = self._core_session if trim else self._patch_session
-        input_name = "patch_core" if trim else PATCH_INPUT
+    def _run_patch_batches(self, hand: Mapping[str, np.ndarray], batches: Iterable, n: int) -> np.ndarray:
+        """Run (start, stop, patches) batches covering 0..n through the per-patch graph."""
         prob = np.empty((n, len(self.sigma_labels)), dtype=np.float32)
         covered = 0
         for start, stop, batch in batches:
@@ -714,8 +674,8 @@ class DefocusModel:
                 raise ValueError(f"patch batches must cover 0..{n} in order; got [{start}, {stop}) after {covered}")
             feed = _feed(hand, start, stop)
             if self.uses_patches:
-                feed[input_name] = self._patch_input(batch, stop - start, trim)
-            prob[start:stop] = session.run(["prob"], feed)[0]
+                feed[PATCH_INPUT] = self._patch_input(batch, stop - start)
+            prob[start:stop] = self._patch_session.run(["prob"], feed)[0]
             covered = stop
         if covered != n:
             raise ValueError(f"patch batches cover 0..{covered}, expected 0..{n}")
@@ -737,9 +697,9 @@ class DefocusModel:
         Colour patches are those of ALGORITHM.md §3 (:func:`dhde.patches.colour_patches`).
         With ``fast`` (same results to float32 rounding), scale-1 patches
         (27×27 windows of the padded image) share one conv1 + pool1 pass
-        over the image (see ``_image_head_graph``), and scale-2 patches
-        (15×15 grown to 27×27 by border replication) run conv1 on their
-        19×19 core only (see ``_core_patch_graph``).
+        over the image (see ``_image_head_graph``). Scale-2 patches (15×15
+        grown to 27×27 by border replication) are not windows of the image
+        and run through the whole network.
 
         Args:
             f_dct_q, f_grd_q, f_svd_q: (N, 40) quantised features, as for :meth:`predict`.
@@ -787,8 +747,7 @@ class DefocusModel:
                                                      scales[chosen[start:stop]]))
                 for start, stop, _ in _ranges(len(chosen), batch_size, None)
             )
-            trim = self._core_trim if fast else 0  # with fast, every cut patch is a grown small one
-            prob[chosen] = self._run_patch_batches(_subset(hand, chosen), batches, len(chosen), trim)
+            prob[chosen] = self._run_patch_batches(_subset(hand, chosen), batches, len(chosen))
         return prob
 
     def _predict_windows(self, rgb_padded: np.ndarray, positions: np.ndarray,
@@ -840,14 +799,12 @@ class DefocusModel:
             used[name] = values
         return used
 
-    def _patch_input(self, batch: Optional[np.ndarray], count: int, trim: int = 0) -> np.ndarray:
-        """(count, 27, 27, 3) uint8 natural patches → the graph's float32 input,
-        in the model's layout, cropped by ``trim`` on every side."""
+    def _patch_input(self, batch: Optional[np.ndarray], count: int) -> np.ndarray:
+        """(count, 27, 27, 3) uint8 natural patches → the graph's float32 input, in the model's layout."""
         if batch is None or batch.shape != (count, PATCH_SIZE, PATCH_SIZE, 3):
             shape = None if batch is None else batch.shape
             raise ValueError(f"a batch of {count} colour patches must be ({count}, {PATCH_SIZE}, {PATCH_SIZE}, 3), got {shape}")
-        core = batch[:, trim:PATCH_SIZE - trim, trim:PATCH_SIZE - trim]
-        return np.ascontiguousarray(core.transpose(_PATCH_AXES[self._info.patch_layout]), dtype=np.float32)
+        return np.ascontiguousarray(batch.transpose(_PATCH_AXES[self._info.patch_layout]), dtype=np.float32)
 
 
 def _ranges(n: int, batch_size: int, patches_u8: Optional[np.ndarray]) -> Iterator[tuple[int, int, Optional[np.ndarray]]]:
