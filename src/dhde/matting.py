@@ -24,7 +24,16 @@ assembled directly by pixel-pair offset: the pixels of a (2r+1)² window are
 at most 2r apart, so L has (4r+1)² diagonals (25 for r = 1). The affinities
 of the pair of window positions (a, b) for all windows form one image-sized
 array, added to the diagonal of offset b − a; W is symmetric, so only half of
-the offsets are accumulated and the other half are shifted copies.
+the offsets are accumulated and the other half are shifted copies. The
+result agrees with the authors' matrix to ~1e-13 (entries reach ~8).
+
+Solving: the system is symmetric positive definite but badly conditioned
+(λ is small and L nearly annihilates every function that is locally affine
+in the colour). The default solver is conjugate gradients preconditioned by
+a smoothed-aggregation multigrid W-cycle (pyamg) whose coarse spaces are
+built from the candidates [1, R, G, B]; about 20 iterations reach a 1e-4 σ
+error on the 640×512 reference image. A sparse LU ("direct") gives the
+exact solution but takes minutes at that size.
 """
 
 from __future__ import annotations
@@ -145,7 +154,7 @@ def _window_statistics(channels: list[np.ndarray], eps: float, radius: int) -> t
 
 
 #: Window rows processed together: keeps the ~50 per-window work arrays of a
-#: chunk in cache (about 2x faster than whole-image arrays).
+#: chunk in the CPU cache (measured ~25 % faster than whole-image arrays).
 _WINDOW_ROWS_PER_CHUNK = 32
 
 

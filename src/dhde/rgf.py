@@ -21,12 +21,13 @@ Implementation notes (all exact rewrites of the authors' arithmetic):
   exactly like a cell outside the grid, so dropping them changes nothing.
   The cropped grid starts at the first data cell along every axis and has
   one extra cell at the far end (``floor(extent) + 2`` cells per axis).
-* All channels of the RGF are filtered at once on a stack of grids; the
-  range axis is as deep as the widest channel needs, the extra cells stay
-  empty.
-* The read-back is done separably: linear interpolation along grid rows, then
-  columns (both are the same for every channel), then along the range axis
-  per pixel. That is the trilinear interpolation, in another order.
+* The read-back is done separably: linear interpolation along grid rows (a
+  sparse product) and columns (two gathers), both shared by all pixels of an
+  image row / column, then along the range axis per pixel. That is the
+  trilinear interpolation, in another order.
+* The authors replace read-back values that fall outside the grid (NaN) by
+  the input. With the guide inside [edge_min, edge_max] (checked) every
+  read-back point lies inside the grid, so that step never applies.
 """
 
 from __future__ import annotations
@@ -94,21 +95,19 @@ def _grid_filter(
     data: np.ndarray,
     edge: np.ndarray,
     edge_min: float,
+    edge_max: float,
     sigma_s: float,
     sigma_r: float,
-    n_range_cells: int,
 ) -> np.ndarray:
     """Bilateral-grid cross filter of one channel (the five steps of §8).
 
     Args:
         data: (H, W) float64 values to filter; NaN marks undefined values,
             which do not contribute (as in the authors' code).
-        edge: (H, W) float64 guide, ``edge >= edge_min``.
-        edge_min: lower end of the guide range.
+        edge: (H, W) float64 guide, ``edge_min <= edge <= edge_max``.
+        edge_min, edge_max: the guide range the grid spans.
         sigma_s: spatial sigma = spatial sampling, pixels.
         sigma_r: range sigma = range sampling, guide units.
-        n_range_cells: range cells kept in the grid, at least
-            ``floor((edge_max - edge_min) / sigma_r) + 2``.
 
     Returns:
         (H, W) float64 filtered channel.
@@ -116,8 +115,10 @@ def _grid_filter(
     height, width = data.shape
     row_coord = np.arange(height) / sigma_s
     col_coord = np.arange(width) / sigma_s
+    # Cropped grid (see the module notes): floor(extent / sampling) + 2 cells.
     n_rows = int(np.floor((height - 1) / sigma_s)) + 2
     n_cols = int(np.floor((width - 1) / sigma_s)) + 2
+    n_range_cells = int(np.floor((edge_max - edge_min) / sigma_r)) + 2
     grid_shape = (n_range_cells, n_rows, n_cols)
 
     # 1-2. Scatter: sum of data and count per cell.
@@ -205,11 +206,6 @@ def _blur_grid(grid: np.ndarray) -> np.ndarray:
     return out
 
 
-def _range_cells(edge_min: float, edge_max: float, sigma_r: float) -> int:
-    """Range cells of the cropped grid for a guide spanning [edge_min, edge_max]."""
-    return int(np.floor((edge_max - edge_min) / sigma_r)) + 2
-
-
 def bilateral_grid_filter(
     data: np.ndarray,
     edge: np.ndarray,
@@ -246,7 +242,7 @@ def bilateral_grid_filter(
     hi = float(np.max(edge)) if edge_max is None else float(edge_max)
     if not (np.min(edge) >= lo and np.max(edge) <= hi):
         raise ValueError(f"edge values must lie in [edge_min, edge_max] = [{lo}, {hi}]")
-    return _grid_filter(data, edge, lo, sigma_s, sigma_r, _range_cells(lo, hi, sigma_r))
+    return _grid_filter(data, edge, lo, hi, sigma_s, sigma_r)
 
 
 def rolling_guidance_filter(
@@ -278,4 +274,4 @@ def rolling_guidance_filter(
 def _filter_channel(data: np.ndarray, edge: np.ndarray, sigma_s: float, sigma_r: float) -> np.ndarray:
     """One RGF step of one channel: grid filter over the guide's own range."""
     lo, hi = float(edge.min()), float(edge.max())
-    return _grid_filter(data, edge, lo, sigma_s, sigma_r, _range_cells(lo, hi, sigma_r))
+    return _grid_filter(data, edge, lo, hi, sigma_s, sigma_r)
