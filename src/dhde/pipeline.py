@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,11 @@ class DefocusResult:
         guide: float64 (H, W, 3) rolling-guidance-filtered image.
         positions: int64 (N, 2) [row, col] of the classified edge pixels.
         probabilities: float32 (N, 11) network output per edge pixel.
-        timings: seconds per stage, in pipeline order.
+        timings: seconds per stage, in pipeline order. ``rgf``,
+            ``laplacian`` and ``solver_setup`` run in a background thread
+            while the features and the network run, so the stages add up
+            to more than ``total_time``.
+        total_time: wall-clock seconds of the whole estimate.
     """
 
     sparse: np.ndarray
@@ -67,10 +72,7 @@ class DefocusResult:
     positions: np.ndarray
     probabilities: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def total_time(self) -> float:
-        return float(sum(self.timings.values()))
+    total_time: float = 0.0
 
 
 def default_model_path() -> Optional[Path]:
@@ -105,6 +107,21 @@ class _StageTimer:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
 
 
+def _prepare_propagation(rgb: np.ndarray, edge_mask: np.ndarray, cfg: DHDEConfig):
+    """Guide image (§8), matting Laplacian and solver setup (§10) of one image.
+
+    Returns ``(guide, solve, timings)``; ``solve(values, tol)`` gives the dense map.
+    """
+    timer = _StageTimer()
+    with timer("rgf"):
+        guide = rgf.rolling_guidance_filter(rgb, cfg.rgf_sigma_s, cfg.rgf_sigma_r, cfg.rgf_iterations)
+    with timer("laplacian"):
+        laplacian = matting.matting_laplacian(guide, eps=cfg.matting_eps, radius=cfg.matting_radius)
+    with timer("solver_setup"):
+        solve = matting.propagation_solver(laplacian, edge_mask, cfg.propagation_lambda, cfg.solver, guide=guide)
+    return guide, solve, timer.timings
+
+
 class DefocusEstimator:
     """Reusable DHDE estimator: loads the model once, processes many images.
 
@@ -119,6 +136,9 @@ class DefocusEstimator:
         # The model's own σ labels are authoritative (a model may be trained
         # with other labels); config.sigma_labels is what training uses.
         self.model = resolve_model(model, self.config)
+        # One background thread overlaps the propagation setup with the
+        # network (see estimate()).
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dhde-setup")
 
     def __call__(self, image: ImageSource) -> DefocusResult:
         return self.estimate(image)
@@ -127,6 +147,7 @@ class DefocusEstimator:
         """Estimate the defocus map of one image (path, array or Pillow image)."""
         cfg = self.config
         timer = _StageTimer()
+        start = time.perf_counter()
 
         with timer("load"):
             rgb = load_image(image)
@@ -142,11 +163,14 @@ class DefocusEstimator:
             weak, strong = cfg.canny_thresholds()
             edge_map = edges.edge_scale_map(gray, weak, strong, variant=cfg.canny_variant, sigma=cfg.canny_sigma)
             positions, n_scale1 = patches.patch_positions(edge_map)
+            edge_mask = edge_map > 0
 
         sigma_labels = np.asarray(self.model.sigma_labels, dtype=np.float64)
         height, width = gray.shape
         if len(positions) == 0:
-            return self._no_edge_result(rgb, edge_map, positions, sigma_labels, timer)
+            return self._no_edge_result(rgb, edge_map, positions, sigma_labels, timer, start)
+
+        propagation_setup = self._background.submit(_prepare_propagation, rgb, edge_mask, cfg)
 
         # §3–5: multi-scale patches, hand-crafted features, network.
         with timer("features"):
@@ -172,11 +196,14 @@ class DefocusEstimator:
             confidence = np.zeros((height, width))
             sparse[rows, cols] = sigma_labels[label]
             confidence[rows, cols] = probabilities[np.arange(len(label)), label]
-            edge_mask = edge_map > 0
 
-        # §8: guide image.
-        with timer("rgf"):
-            guide = rgf.rolling_guidance_filter(rgb, cfg.rgf_sigma_s, cfg.rgf_sigma_r, cfg.rgf_iterations)
+        # §8–10 (setup): the guide image, the matting Laplacian and the
+        # solver's multigrid hierarchy depend only on the image and the
+        # edges, so they were started in the background before the features
+        # (the solve itself is mostly single-threaded work).
+        with timer("wait_propagation_setup"):
+            guide, solve, setup_timings = propagation_setup.result()
+        timer.timings.update(setup_timings)
 
         # §9: probability-joint bilateral filter.
         with timer("jbf"):
@@ -192,13 +219,8 @@ class DefocusEstimator:
             )
 
         # §10: propagation with the matting Laplacian.
-        with timer("laplacian"):
-            laplacian = matting.matting_laplacian(guide, eps=cfg.matting_eps, radius=cfg.matting_radius)
         with timer("solve"):
-            dense = matting.propagate(
-                laplacian, edge_mask, jbf_map, lam=cfg.propagation_lambda, solver=cfg.solver, tol=cfg.solver_tol,
-                guide=guide,
-            )
+            dense = solve(jbf_map, tol=cfg.solver_tol)
 
         # §11: joint weighted median filter.
         with timer("wmf"):
@@ -225,9 +247,10 @@ class DefocusEstimator:
             positions=positions,
             probabilities=probabilities,
             timings=timer.timings,
+            total_time=time.perf_counter() - start,
         )
 
-    def _no_edge_result(self, rgb, edge_map, positions, sigma_labels, timer) -> DefocusResult:
+    def _no_edge_result(self, rgb, edge_map, positions, sigma_labels, timer, start) -> DefocusResult:
         """A flat image has no edges: return a uniform map at the smallest σ.
 
         Without edges there is no evidence of blur anywhere; the documented
@@ -239,6 +262,7 @@ class DefocusEstimator:
             NoEdgesWarning,
             stacklevel=3,
         )
+        cfg = self.config
         height, width = edge_map.shape
         zeros = np.zeros((height, width))
         uniform = np.full((height, width), sigma_labels[0])
@@ -250,10 +274,11 @@ class DefocusEstimator:
             defocus=uniform.copy(),
             mask=np.zeros((height, width), dtype=bool),
             edge_map=edge_map,
-            guide=rgb.copy(),
+            guide=rgf.rolling_guidance_filter(rgb, cfg.rgf_sigma_s, cfg.rgf_sigma_r, cfg.rgf_iterations),
             positions=positions,
             probabilities=np.zeros((0, len(sigma_labels)), dtype=np.float32),
             timings=timer.timings,
+            total_time=time.perf_counter() - start,
         )
 
 
