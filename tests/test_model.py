@@ -12,7 +12,9 @@ from onnx import TensorProto, helper
 import dhde.model as model_module
 from dhde.caffe import authors_weights
 from dhde.errors import ModelError
+from dhde.features import quantise_features
 from dhde.model import DefocusModel, ModelMetadata, build_model, save_model
+from dhde.patches import patch_scales
 
 N_FIRST = 256
 
@@ -22,22 +24,17 @@ def authors_model(authors_model_path):
     return DefocusModel.load(authors_model_path, num_threads=2)
 
 
-def quantise(features: np.ndarray) -> np.ndarray:
-    """uint8(255·f) as MATLAB rounds it (half away from zero, saturating), as float32."""
-    return np.clip(np.floor(features * 255.0 + 0.5), 0, 255).astype(np.float32)
-
-
 def golden_inputs(golden) -> dict:
     """predict_image arguments for one golden image, from golden features and edges."""
     feats = golden["features"]
     n, n_scale1 = len(feats["pos"]), int(feats["n_scale1"])
     return dict(
-        f_dct_q=quantise(feats["f_dct"]),
-        f_grd_q=quantise(feats["f_grd"]),
-        f_svd_q=quantise(feats["f_svd"]),
+        f_dct_q=quantise_features(feats["f_dct"]),
+        f_grd_q=quantise_features(feats["f_grd"]),
+        f_svd_q=quantise_features(feats["f_svd"]),
         rgb_u8=golden["edges"]["rgb_u8"],
         positions=feats["pos"],
-        scales=np.where(np.arange(n) < n_scale1, 1, 2),
+        scales=patch_scales(n, n_scale1),
     )
 
 
@@ -134,7 +131,7 @@ def test_transposed_layout_equals_baked_transpose(golden_0002, authors_model, ca
 def test_prediction_is_independent_of_batching(golden_0002, authors_model):
     feats = golden_0002["features"]
     n = 1000
-    hand = [quantise(feats[k][:n]) for k in ("f_dct", "f_grd", "f_svd")]
+    hand = [quantise_features(feats[k][:n]) for k in ("f_dct", "f_grd", "f_svd")]
     patches = feats["rgb_patches_u8"][:n]
     whole = authors_model.predict(*hand, patches, batch_size=4096)
     np.testing.assert_array_equal(authors_model.predict(*hand, patches, batch_size=128), whole)
@@ -145,7 +142,7 @@ def test_prediction_is_independent_of_batching(golden_0002, authors_model):
 
 def test_batches_must_cover_all_patches(golden_0002, authors_model):
     feats = golden_0002["features"]
-    hand = [quantise(feats[k][:100]) for k in ("f_dct", "f_grd", "f_svd")]
+    hand = [quantise_features(feats[k][:100]) for k in ("f_dct", "f_grd", "f_svd")]
     patches = feats["rgb_patches_u8"][:100]
     with pytest.raises(ValueError, match="cover"):
         authors_model.predict(*hand, [(0, 50, patches[:50]), (60, 100, patches[60:])])

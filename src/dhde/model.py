@@ -560,8 +560,9 @@ class DefocusModel:
                 None = ``DHDEConfig().num_threads``.
 
         Raises:
-            ModelError: the file is missing, not ONNX, not a dhde model, of
-                another format version, or onnxruntime cannot run it.
+            ModelError: the file is missing, not ONNX, not a dhde model or of
+                another format version. (onnxruntime sessions are made on
+                first use; their failures are ModelErrors too.)
         """
         path = Path(path)
         try:
@@ -605,13 +606,16 @@ class DefocusModel:
     # --- sessions, made on first use ----------------------------------------
 
     @cached_property
+    def _padded_convs(self) -> tuple[_Layer, ...]:
+        return _pad_conv_channels(self._net.convs, _CHANNEL_MULTIPLE)
+
+    @cached_property
     def _patch_session(self):
         return _make_session(_patch_execution_graph(self._net), self._where, self._num_threads)
 
     @cached_property
     def _head_session(self):
-        return _make_session(_image_head_graph(_pad_conv_channels(self._net.convs, _CHANNEL_MULTIPLE)[0]),
-                             self._where, self._num_threads)
+        return _make_session(_image_head_graph(self._padded_convs[0]), self._where, self._num_threads)
 
     @cached_property
     def _tail_session(self):
@@ -762,7 +766,7 @@ class DefocusModel:
         if self._info.patch_layout == "transposed":
             # The network sees patches transposed: use the transposed image.
             image, positions = rgb_padded.transpose(1, 0, 2), positions[:, ::-1]
-        conv1 = _pad_conv_channels(self._net.convs, _CHANNEL_MULTIPLE)[0]
+        conv1 = self._padded_convs[0]
         conv_side = _pool_geometry(conv1)[0]
         map_width = image.shape[1] - conv1.weight.shape[2] + 1
         row_bytes = 4 * map_width * conv1.weight.shape[0] * np.dtype(np.float32).itemsize
