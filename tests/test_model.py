@@ -98,8 +98,9 @@ def test_file_graph_equals_execution_graphs(golden_0002, authors_model_path, aut
 def test_image_bands_do_not_change_results(golden_0002, authors_model, monkeypatch):
     """Pool maps computed in many bands of rows == in one piece."""
     inputs = golden_inputs(golden_0002)
+    monkeypatch.setattr(model_module, "_POOL_MAP_BYTES", 2**40)  # the whole image at once
     whole = authors_model.predict_image(**inputs)
-    monkeypatch.setattr(model_module, "_POOL_MAP_BYTES", 24 * 2**20)  # 48 image rows per band
+    monkeypatch.setattr(model_module, "_POOL_MAP_BYTES", 0)  # the fewest rows per band: 27
     np.testing.assert_allclose(authors_model.predict_image(**inputs), whole, rtol=0, atol=1e-6)
 
 

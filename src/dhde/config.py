@@ -64,7 +64,8 @@ class DHDEConfig:
 
     # --- network (§5) ------------------------------------------------------
     #: Patches per network batch (bounds memory; results do not depend on it).
-    network_batch: int = 4096
+    #: 1024: as fast as 4096 on 0001, with ~0.9 GB less peak memory.
+    network_batch: int = 1024
 
     # --- rolling guidance filter (§8) --------------------------------------
     rgf_sigma_s: float = 1.5

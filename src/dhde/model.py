@@ -512,8 +512,9 @@ def _pool1_index(rows: np.ndarray, cols: np.ndarray, map_width: int, conv1: _Lay
 PatchSource = Union[np.ndarray, Iterable[tuple[int, int, np.ndarray]], None]
 
 #: Upper bound on the pool maps of one band of image rows in the shared-conv1
-#: path (the whole image when it fits): bounds memory on large images.
-_POOL_MAP_BYTES = 64 * 2**20
+#: path: bounds memory (onnxruntime's intermediates are ~4× the maps). Time
+#: on 0001 is the same for 16 to 64 MiB; peak memory grows ~4.5× as much.
+_POOL_MAP_BYTES = 16 * 2**20
 
 
 class DefocusModel:
@@ -835,6 +836,11 @@ def _make_session(model: onnx.ModelProto, where: str, num_threads: int):
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # No busy-waiting between parallel sections: three sessions take turns
+    # (and other stages, other processes share the cores), and a spinning
+    # idle pool steals the cores the running one needs. Measured on 2 cores
+    # under load: 20-25 % faster, 25 % less CPU.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
