@@ -112,3 +112,15 @@ def test_shape_mismatch(tmp_path, authors_blobs):
     path = _write_net(tmp_path / "narrow_fc2.caffemodel", layers)
     with pytest.raises(ModelError, match=r"fc2 weight has shape \(150, 200\), expected \(150, 300\)"):
         convert_caffemodel(path, tmp_path / "out.onnx")
+
+
+def test_unexpected_concat_order(tmp_path, authors_blobs):
+    path = _write_net(tmp_path / "swapped.caffemodel", authors_blobs)
+    net = _net_parameter_class()()
+    net.ParseFromString(path.read_bytes())
+    concat = net.layer.add()
+    concat.name, concat.type = "concat", "Concat"
+    concat.bottom.extend(["flattenGRD", "flattenDCT", "flattenSVD", "flattenIMG"])
+    path.write_bytes(net.SerializeToString())
+    with pytest.raises(ModelError, match="fc1 input order"):
+        convert_caffemodel(path, tmp_path / "out.onnx")

@@ -10,9 +10,9 @@ library validates the encoding (a corrupt file fails loudly) and accepts both
 packed and unpacked float arrays, and the schema below reads like the
 corresponding excerpt of Caffe's ``caffe.proto``.
 
-Both layer encodings Caffe ever wrote for weights are read: the current
-``layer`` (field 100, ``LayerParameter``) and the deprecated V1 ``layers``
-(field 2, ``V1LayerParameter``).
+Both layer encodings of Caffe 1.0 are read: the current ``layer`` (field
+100, ``LayerParameter``) and the deprecated V1 ``layers`` (field 2,
+``V1LayerParameter``); the pre-2014 "V0" encoding is not.
 """
 
 from __future__ import annotations
