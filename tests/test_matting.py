@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import sparse
+from scipy.sparse import linalg as sparse_linalg
 
+from dhde import matting
 from dhde.config import DHDEConfig
 from dhde.matting import matting_laplacian, propagate, propagation_solver
 from dhde.rgf import rolling_guidance_filter
@@ -101,6 +104,73 @@ def test_amg_agrees_with_direct_solve(crop_system):
     np.testing.assert_allclose(solve(values, tol=1e-7, x0=exact), exact, rtol=0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def multigrid_crop_system(golden_0002):
+    """A 120×180 crop of image 0002: large enough for a two-level hierarchy
+    (21,600 > 7,000 unknowns) and for two-thread products (> 20,000 rows)."""
+    golden = golden_0002
+    window = (slice(150, 270), slice(200, 380))
+    guide = golden["maps"]["rgf"][window]
+    laplacian = matting_laplacian(guide)
+    edge = golden["edges"]["edge_map"][window] > 0
+    values = golden["maps"]["jbf"][window]
+    exact = propagate(laplacian, edge, values, solver="direct")
+    return laplacian, edge, values, guide, exact
+
+
+def test_multigrid_agrees_with_direct_solve(multigrid_crop_system):
+    laplacian, edge, values, guide, exact = multigrid_crop_system
+    solve = propagation_solver(laplacian, edge, guide=guide)
+    # Float64 CG below tol = 1e-5: converges to the exact solution.
+    np.testing.assert_allclose(solve(values, tol=1e-7), exact, rtol=0, atol=1e-6)
+    # The default float32 solve: the error stays below ~0.6·tol σ.
+    np.testing.assert_allclose(solve(values, tol=5e-4), exact, rtol=0, atol=3e-4)
+
+
+def system_and_hierarchy(laplacian, edge, guide):
+    system = (laplacian + sparse.diags(0.005 * edge.ravel())).tocsr().astype(np.float32)
+    candidates = np.column_stack([np.ones(system.shape[0]), guide.reshape(-1, 3)]).astype(np.float32)
+    return system, *matting._aggregation_hierarchy(system, candidates)
+
+
+def test_w_cycle_is_symmetric_positive_definite(multigrid_crop_system):
+    """CG needs a symmetric positive definite preconditioner."""
+    laplacian, edge, _, guide, _ = multigrid_crop_system
+    _, levels, coarse_solve = system_and_hierarchy(laplacian, edge, guide)
+    assert len(levels) >= 2 and levels[0].jacobi_weights is not None
+    rng = np.random.default_rng(0)
+    u, v = rng.standard_normal((2, laplacian.shape[0])).astype(np.float32)
+    cycle = lambda b: matting._w_cycle(levels, coarse_solve, b).astype(np.float64)  # noqa: E731
+    u_mv, v_mu = u @ cycle(v), v @ cycle(u)
+    assert abs(u_mv - v_mu) <= 1e-4 * np.sqrt((u @ cycle(u)) * (v @ cycle(v)))
+    assert u @ cycle(u) > 0 and v @ cycle(v) > 0
+
+
+def test_jacobi_weights_keep_the_smoother_convergent(multigrid_crop_system):
+    """ω·λmax(D⁻¹A) < 2, the condition for a positive definite cycle."""
+    laplacian, edge, _, guide, _ = multigrid_crop_system
+    system, levels, _ = system_and_hierarchy(laplacian, edge, guide)
+    weights = levels[0].jacobi_weights
+    omega = weights * system.diagonal()
+    np.testing.assert_allclose(omega, omega[0], rtol=1e-6)
+    assert 0 < omega[0] <= 0.8
+    scale = sparse.diags(np.sqrt(weights.astype(np.float64)))
+    largest = sparse_linalg.eigsh(scale @ system.astype(np.float64) @ scale, k=1, which="LA", tol=1e-4)[0][0]
+    assert largest < 2
+
+
+def test_row_split_product_matches_scipy():
+    rng = np.random.default_rng(1)
+    matrix = sparse.random(30000, 25000, density=4e-4, format="csr", random_state=rng, dtype=np.float32)
+    split = matting._RowSplitMatrix(matrix)
+    assert 0 < split.split < 30000
+    x = rng.standard_normal(25000).astype(np.float32)
+    np.testing.assert_array_equal(split @ x, matrix @ x)
+    small = matting._RowSplitMatrix(matrix[:100])
+    assert small.split == 0
+    np.testing.assert_array_equal(small @ x, matrix[:100] @ x)
+
+
 def test_rejects_unknown_solver(crop_system):
     laplacian, edge, _, _ = crop_system
     with pytest.raises(ValueError, match="solver"):
@@ -118,6 +188,7 @@ def test_dense_map_matches_golden(golden):
     edge = golden["edges"]["edge_map"] > 0
     np.testing.assert_allclose(maps["rhs"], cfg.propagation_lambda * edge * maps["jbf"], rtol=0, atol=1e-15)
     laplacian = matting_laplacian(rgf, cfg.matting_eps, cfg.matting_radius)
-    dense = propagate(laplacian, edge, maps["jbf"], cfg.propagation_lambda, tol=1e-4, guide=rgf)
-    # Measured max error 4.5e-5 σ (0001) and 3.1e-5 σ (0002) at tol = 1e-4.
-    np.testing.assert_allclose(dense, maps["dense"], rtol=0, atol=1e-4)
+    dense = propagate(laplacian, edge, maps["jbf"], cfg.propagation_lambda, tol=cfg.solver_tol, guide=rgf)
+    # §10 asks for a max error well below 1e-3 σ. Measured at tol = 5e-4:
+    # 3.0e-4 σ (0001) and 0.9e-4 σ (0002).
+    np.testing.assert_allclose(dense, maps["dense"], rtol=0, atol=5e-4)
