@@ -258,10 +258,11 @@ SolverName = Literal["amg", "direct"]
 #: Coarsening stops once a level has at most this many unknowns; that level is
 #: solved exactly by a sparse LU. On the 640×512 reference images the
 #: hierarchy is 327,680 → ~53,000 → ~6,000 unknowns: stopping there needs 16
-#: CG iterations to tol = 1e-3, one more level (~700) 19-21 (the W-cycle's
-#: inexact solve of the 6,000-unknown level) for no saving per iteration.
+#: CG iterations to tol = 1e-3 (Gauss-Seidel on every level), one more level
+#: (~700) 19-21 (the W-cycle's inexact solve of the 6,000-unknown level) for
+#: no saving per iteration.
 _MAX_COARSE = 7000
-#: Iteration cap of the "amg" solver (16-25 are needed at tol = 1e-3).
+#: Iteration cap of the "amg" solver (16-19 are needed at tol = 5e-4).
 _MAX_CG_ITERATIONS = 500
 #: Below this tolerance the outer CG runs in float64 (the preconditioner
 #: stays float32): float32 iterates stall at a max error of ~4e-5 σ on the
@@ -430,10 +431,11 @@ def _aggregation_hierarchy(system: sparse.csr_matrix, candidates: np.ndarray) ->
         tentative, candidates = fit_candidates(aggregates, candidates)
         prolongation = tentative.tocsr().astype(np.float32)
         restriction = prolongation.T.tocsr()
-        # The finest level is smoothed by damped Jacobi (products only, so
-        # both threads work: 18 CG iterations instead of 17 with
-        # Gauss-Seidel, each ~25 % faster); on the coarser levels Jacobi
-        # stalls CG, so they keep Gauss-Seidel.
+        # The finest level is smoothed by damped Jacobi: products only, so
+        # both threads work (19 CG iterations on image 0001 instead of 17
+        # with Gauss-Seidel, but ~15 % less wall time on two cores). On the
+        # coarser levels (4 coupled unknowns per aggregate, λmax(D⁻¹A) ≈ 3.6)
+        # Jacobi stalls CG, so they keep Gauss-Seidel.
         weights = _jacobi_weights(matrix) if not levels else None
         levels.append(_Level(_RowSplitMatrix(matrix), _RowSplitMatrix(prolongation), _RowSplitMatrix(restriction), weights))
         matrix = (restriction @ (matrix @ prolongation)).tocsr()
