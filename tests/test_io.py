@@ -103,3 +103,20 @@ def test_writers(tmp_path):
     mask = np.asarray(Image.open(tmp_path / "m.png"))
     assert set(np.unique(mask)) == {0, 255} and (mask == 255).sum() == (sigma > 1.0).sum()
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_colormapped_png_maps_sigma_to_colours(tmp_path):
+    from dhde.io import colormap_lut, save_colormapped_png
+
+    sigma = np.tile(np.linspace(0.5, 2.0, 200), (120, 1))
+    sigma[0, 0] = np.nan  # drawn as vmin, never a crash
+    save_colormapped_png(tmp_path / "c.png", sigma, 0.5, 2.0)
+    rendered = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
+    lut = colormap_lut("magma")
+    assert rendered.shape[0] == 120 and rendered.shape[1] > 200 + 20  # map + colour bar
+    np.testing.assert_array_equal(rendered[5, 0], lut[0])
+    np.testing.assert_array_equal(rendered[5, 199], lut[255])
+    np.testing.assert_array_equal(rendered[0, 0], lut[0])
+    # Values outside [vmin, vmax] saturate.
+    save_colormapped_png(tmp_path / "d.png", np.full((60, 80), 9.0), 0.5, 2.0)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "d.png").convert("RGB"))[30, 40], lut[255])

@@ -202,33 +202,79 @@ def save_mask_png(path: Path, mask: np.ndarray) -> Path:
     return save_png(path, np.where(mask, 255, 0).astype(np.uint8))
 
 
+def colormap_lut(name: str = "magma") -> np.ndarray:
+    """(256, 3) uint8 lookup table of a matplotlib colour map."""
+    from matplotlib import colormaps  # the colour map data only, not pyplot
+
+    return np.round(colormaps[name](np.arange(256))[:, :3] * 255.0).astype(np.uint8)
+
+
+def render_colormapped(
+    sigma_map: np.ndarray,
+    vmin: float,
+    vmax: float,
+    cmap: str = "magma",
+    label: str = "defocus sigma (px)",
+    ticks: int = 3,
+) -> np.ndarray:
+    """Colour-map a (H, W) σ map and add a colour bar with labelled ticks.
+
+    Returns a (H, W + bar, 3) uint8 image: the map at native resolution (one
+    map pixel per image pixel), colours fixed by ``vmin``/``vmax`` so maps of
+    different photos compare, and on its right a vertical colour bar (high σ at
+    the top) with ``ticks`` + 1 values and ``label`` (ASCII: Pillow's
+    bundled font has no Greek letters).
+
+    Drawn with Pillow from matplotlib's colour-map table: a matplotlib figure
+    costs ~1.3 s on a cold start and ~0.25 s per image here, this ~0.05 s.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    lut = colormap_lut(cmap)
+    h, w = sigma_map.shape
+    finite = np.nan_to_num(sigma_map, nan=vmin)
+    index = np.clip((finite - vmin) / max(vmax - vmin, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    font_size = int(np.clip(h / 32, 10, 40))
+    font = ImageFont.load_default(size=font_size)
+    bar_w = max(8, font_size)
+    margin = font_size
+    text_w = int(font.getlength(f"{vmax:.2f}")) + margin // 2
+    label_w = font_size + margin // 2
+    total_bar = margin + bar_w + margin // 2 + text_w + label_w
+    canvas = Image.new("RGB", (w + total_bar, h), (255, 255, 255))
+    canvas.paste(Image.fromarray(lut[index]), (0, 0))
+
+    top, bottom = margin, h - margin
+    if bottom - top >= 8:
+        ramp = np.linspace(255, 0, bottom - top).round().astype(np.uint8)  # top = vmax
+        strip = np.repeat(lut[ramp][:, None, :], bar_w, axis=1)
+        x0 = w + margin
+        canvas.paste(Image.fromarray(strip), (x0, top))
+        draw = ImageDraw.Draw(canvas)
+        draw.rectangle((x0 - 1, top - 1, x0 + bar_w, bottom), outline=(0, 0, 0))
+        for k in range(ticks + 1):
+            value = vmin + (vmax - vmin) * k / ticks
+            y = bottom - 1 - (bottom - top - 1) * k / ticks
+            draw.line((x0 + bar_w, y, x0 + bar_w + margin // 4, y), fill=(0, 0, 0))
+            draw.text((x0 + bar_w + margin // 2, y), f"{value:.2f}", fill=(0, 0, 0), font=font, anchor="lm")
+        # Axis label, written vertically along the right edge.
+        text = Image.new("RGBA", (int(font.getlength(label)) + 4, font_size + 6), (255, 255, 255, 0))
+        ImageDraw.Draw(text).text((2, 2), label, fill=(0, 0, 0), font=font)
+        text = text.rotate(90, expand=True)
+        canvas.paste(text, (w + total_bar - label_w, max(0, (h - text.height) // 2)), text)
+    return np.asarray(canvas)
+
+
 def save_colormapped_png(
     path: Path,
     sigma_map: np.ndarray,
     vmin: float,
     vmax: float,
     cmap: str = "magma",
-    label: str = "defocus σ (px)",
+    label: str = "defocus sigma (px)",
 ) -> Path:
     """Save a σ map colour-mapped, with a colour bar in σ units, as PNG.
 
-    The image is drawn at its native resolution (one map pixel per screen
-    pixel at 100 dpi) with a colour bar on its right; ``vmin``/``vmax`` fix
-    the colour scale so that maps of different photos compare.
+    See :func:`render_colormapped`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    h, w = sigma_map.shape
-    dpi = 100.0
-    bar_w = 110.0  # pixels for colour bar and its labels
-    fig = Figure(figsize=((w + bar_w) / dpi, h / dpi), dpi=dpi)
-    ax = fig.add_axes((0.0, 0.0, w / (w + bar_w), 1.0))
-    ax.set_axis_off()
-    im = ax.imshow(sigma_map, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
-    cax = fig.add_axes((w / (w + bar_w) + 0.02 * bar_w / (w + bar_w), 0.05, 0.2 * bar_w / (w + bar_w), 0.9))
-    bar = fig.colorbar(im, cax=cax)
-    bar.set_label(label)
-    return _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=dpi))
+    return save_png(path, render_colormapped(sigma_map, vmin, vmax, cmap, label))
