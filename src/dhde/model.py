@@ -607,6 +607,18 @@ class DefocusModel:
 
     # --- sessions, made on first use ----------------------------------------
 
+    def prepare(self) -> None:
+        """Create the onnxruntime sessions now rather than on first use.
+
+        A pipeline calls this in a background thread while it reads and edge-
+        detects its first image, which hides session creation from a cold run.
+        """
+        if self.uses_patches:
+            self._head_session, self._tail_session, self._patch_session  # noqa: B018 (cached)
+        else:
+            self._patch_session  # noqa: B018 (cached)
+
+
     @cached_property
     def _padded_convs(self) -> tuple[_Layer, ...]:
         return _pad_conv_channels(self._net.convs, _CHANNEL_MULTIPLE)
