@@ -7,7 +7,6 @@ import pytest
 
 from dhde.config import DHDEConfig
 from dhde.jbf import probability_joint_bilateral_filter
-from dhde.rgf import rolling_guidance_filter
 
 
 def reference_jbf(sparse, confidence, guide, window, sigma_s, sigma_r, sigma_c):
@@ -67,10 +66,7 @@ def test_rejects_even_window(small_case):
 def test_matches_golden(golden):
     cfg = DHDEConfig()
     maps = golden["maps"]
-    if "rgf" in maps:
-        rgf = maps["rgf"]
-    else:  # 0001 has no golden RGF; ours matches the authors' to 1e-14 on 0002
-        rgf = rolling_guidance_filter(golden["edges"]["rgb_u8"] / 255.0, cfg.rgf_sigma_s, cfg.rgf_sigma_r, cfg.rgf_iterations)
+    rgf = golden.rgf()
     edge = golden["edges"]["edge_map"] > 0
     # The authors take the edge pixels as sparse != 0: the same set.
     np.testing.assert_array_equal(edge, maps["sparse"] != 0)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from dhde.config import DHDEConfig
-from dhde.rgf import rolling_guidance_filter
 from dhde.wmf import guide_to_uint8, weighted_median_filter
 
 
@@ -54,10 +53,7 @@ AGREEMENT = {"0002": (5e-3, 0.97), "0001": (6e-3, 0.97)}
 def test_agrees_with_authors_indicative_output(golden):
     cfg = DHDEConfig()
     maps = golden["maps"]
-    if "rgf" in maps:
-        rgf = maps["rgf"]
-    else:  # 0001 has no golden RGF; ours matches the authors' to 1e-14 on 0002
-        rgf = rolling_guidance_filter(golden["edges"]["rgb_u8"] / 255.0, cfg.rgf_sigma_s, cfg.rgf_sigma_r, cfg.rgf_iterations)
+    rgf = golden.rgf()
     out = weighted_median_filter(maps["dense"], rgf, cfg.wmf_radius, cfg.wmf_sigma, cfg.wmf_iterations, cfg.wmf_seed)
     diff = np.abs(out - maps["wmf_indicative"])
     max_mean, min_within = AGREEMENT[golden.image_id]

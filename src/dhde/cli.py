@@ -6,7 +6,6 @@ import dataclasses
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import click
 

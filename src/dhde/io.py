@@ -66,11 +66,10 @@ def array_to_rgb(array: np.ndarray) -> np.ndarray:
     if arr.dtype == np.bool_:
         return arr.astype(np.float64)
     if np.issubdtype(arr.dtype, np.integer):
-        info = np.iinfo(arr.dtype)
+        # Other integer types: taken as 8-bit if every value fits, else 16-bit.
         if arr.min() < 0 or arr.max() > 65535:
             raise ImageLoadError(f"integer image values out of range for dtype {arr.dtype}")
         scale = 255.0 if arr.max() <= 255 else 65535.0
-        del info
         return arr.astype(np.float64) / scale
     if np.issubdtype(arr.dtype, np.floating):
         out = arr.astype(np.float64)
