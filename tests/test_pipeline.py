@@ -71,6 +71,14 @@ def test_function_api_and_config_switches(authors_model_path, reference_dir):
     np.testing.assert_array_equal(result.defocus, result.dense)
 
 
+def test_estimator_as_context_manager(authors_model_path):
+    with DefocusEstimator(authors_model_path) as est:
+        result = est(skdata.coffee())
+    assert result.defocus.shape == (400, 600) and np.isfinite(result.defocus).all()
+    with pytest.raises(RuntimeError):  # closed: no new background work
+        est(skdata.coffee())
+
+
 def test_deterministic(estimator, reference_dir):
     image = reference_dir / "images" / "0002.jpg"
     a, b = estimator(image), estimator(image)

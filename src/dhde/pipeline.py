@@ -152,6 +152,16 @@ class DefocusEstimator:
     def __call__(self, image: ImageSource) -> DefocusResult:
         return self.estimate(image)
 
+    def close(self) -> None:
+        """Stop the background thread (also done at interpreter exit)."""
+        self._background.shutdown(wait=True)
+
+    def __enter__(self) -> "DefocusEstimator":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def estimate(self, image: ImageSource) -> DefocusResult:
         """Estimate the defocus map of one image (path, array or Pillow image)."""
         cfg = self.config
