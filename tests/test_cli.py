@@ -75,3 +75,16 @@ def test_missing_model_and_no_inputs(runner, tmp_path, reference_dir):
     assert result.exit_code == 1 and "error" in result.output and "Traceback" not in result.output
     result = runner.invoke(main, ["convert-caffe", str(tmp_path / "none.caffemodel"), "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code == 1 and "error" in result.output
+
+
+def test_no_image_runs_on_builtin_photo(runner, tmp_path, authors_model_path):
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["estimate", "--model", str(authors_model_path), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "built-in example photo" in result.output
+    defocus = tifffile.imread(out / "chelsea_defocus.tif")
+    mask = np.asarray(Image.open(out / "chelsea_mask.png")) == 255
+    assert defocus.shape == (300, 451)
+    # The cat (centre) is in focus, the background at the right edge is not.
+    assert defocus[120:200, 150:250].mean() + 0.3 < defocus[:, 400:].mean()
+    assert not mask[140:180, 180:220].any() and mask[:, 420:].mean() > 0.8
