@@ -192,3 +192,26 @@ def test_dense_map_matches_golden(golden):
     # §10 asks for a max error well below 1e-3 σ. Measured at tol = 5e-4:
     # 3.0e-4 σ (0001) and 0.9e-4 σ (0002).
     np.testing.assert_allclose(dense, maps["dense"], rtol=0, atol=5e-4)
+
+
+def test_singular_coarse_level_falls_back(shared_dir):
+    """CUHK out_of_focus0007: the float32 coarse matrix is exactly singular.
+
+    The coarse LU then gets a small diagonal shift (only the preconditioner
+    changes), and CG still converges to the solution.
+    """
+    from dhde import edges, rgf
+    from dhde.config import DHDEConfig
+    from dhde.io import load_image
+
+    cfg = DHDEConfig()
+    image = load_image(shared_dir / "data" / "cuhk_dev" / "images" / "out_of_focus0007.jpg")
+    guide = rgf.rolling_guidance_filter(image, cfg.rgf_sigma_s, cfg.rgf_sigma_r, cfg.rgf_iterations)
+    edge = edges.edge_scale_map(edges.value_channel(image), *cfg.canny_thresholds()) > 0
+    values = np.where(edge, 0.5 + 1.5 * image[..., 1], 0.0)  # any data at the edges
+    laplacian = matting_laplacian(guide, cfg.matting_eps, cfg.matting_radius)
+    solve = propagation_solver(laplacian, edge, cfg.propagation_lambda, "amg", guide=guide)
+    coarse = solve(values, tol=cfg.solver_tol)
+    fine = solve(values, tol=1e-8)
+    assert np.isfinite(coarse).all()
+    assert np.abs(coarse - fine).max() < 1e-3
