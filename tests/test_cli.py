@@ -88,3 +88,21 @@ def test_no_image_runs_on_builtin_photo(runner, tmp_path, authors_model_path):
     # The cat (centre) is in focus, the background at the right edge is not.
     assert defocus[120:200, 150:250].mean() + 0.3 < defocus[:, 400:].mean()
     assert not mask[140:180, 180:220].any() and mask[:, 420:].mean() > 0.8
+
+
+def test_default_model_ships_and_runs(runner, tmp_path):
+    from dhde.model import DefocusModel
+    from dhde.pipeline import default_model_path
+
+    path = default_model_path()
+    assert path is not None, "the package must ship models/default.onnx"
+    model = DefocusModel.load(path)
+    assert len(model.sigma_labels) == 11 and "deep" in model.features
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["estimate", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    defocus = tifffile.imread(out / "chelsea_defocus.tif")
+    mask = np.asarray(Image.open(out / "chelsea_mask.png")) == 255
+    # The cat's face is sharper than the blurred background at the right edge.
+    assert defocus[120:200, 150:250].mean() + 0.1 < defocus[:, 400:].mean()
+    assert not mask[140:180, 180:220].any() and mask[:, 420:].mean() > 0.8
