@@ -119,8 +119,3 @@ class DHDEConfig:
         if training:
             return self.canny_weak_train, self.canny_strong_train
         return self.canny_weak, self.canny_strong
-
-    @property
-    def sigma_array(self) -> np.ndarray:
-        """``sigma_labels`` as a float64 array of shape (n_classes,)."""
-        return np.asarray(self.sigma_labels, dtype=np.float64)

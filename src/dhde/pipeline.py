@@ -179,8 +179,7 @@ class DefocusEstimator:
         # §1–2: gray image, edges and the scale of every edge pixel.
         with timer("edges"):
             gray = edges.value_channel(rgb)
-            weak, strong = cfg.canny_thresholds()
-            edge_map = edges.edge_scale_map(gray, weak, strong, variant=cfg.canny_variant, sigma=cfg.canny_sigma)
+            edge_map = edges.edge_map_from_config(gray, cfg)
             positions, n_scale1 = patches.patch_positions(edge_map)
             edge_mask = edge_map > 0
 
