@@ -177,11 +177,13 @@ def build_dataset_command(sharp_dir, out_dir, seed, max_positions, split, worker
               help="Feature set: paper letters (B = f_B = D+G+S+C; C, D, G, S, H, DSC, GSC, ...).")
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs of the final stage.")
 @click.option("--pretrain-epochs", type=int, default=None, help="Epochs of stage 1 (f_C alone); default = --epochs.")
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Initial learning rate of each stage.")
+@click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
+              help="Learning rate within a stage: cosine decay to 2 % of --lr, or constant.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, help="torch threads.")
-def fit_command(dataset, out, features, epochs, pretrain_epochs, lr, batch_size, seed, threads) -> None:
+def fit_command(dataset, out, features, epochs, pretrain_epochs, lr, schedule, batch_size, seed, threads) -> None:
     """Train a classifier on DATASET (from `dhde train build-dataset`) and export it.
 
     For f_B the paper's two-stage schedule is used: the deep feature and the
@@ -194,7 +196,7 @@ def fit_command(dataset, out, features, epochs, pretrain_epochs, lr, batch_size,
     except ImportError as exc:
         _fail(f"training needs torch: pip install 'dhde[train]' ({exc})")
     result = fit(dataset, out, features=features, epochs=epochs, pretrain_epochs=pretrain_epochs, lr=lr,
-                 batch_size=batch_size, seed=seed, num_threads=threads, progress=True)
+                 schedule=schedule, batch_size=batch_size, seed=seed, num_threads=threads, progress=True)
     click.echo(f"wrote {result.model_path} ({result.training_seconds / 60:.1f} min of training)")
     if result.test is not None:
         click.echo(f"test images: {result.test}")

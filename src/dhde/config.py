@@ -12,7 +12,7 @@ Use :func:`dataclasses.replace` to derive a modified config::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -109,6 +109,12 @@ class DHDEConfig:
     # --- segmentation (§12) ------------------------------------------------
     #: τ = α·max(D) + (1−α)·min(D); D > τ is "blurred".
     mask_alpha: float = 0.3
+
+    # --- working resolution (high-resolution photos) ------------------------
+    #: Long side, in pixels, at which the pipeline runs; larger inputs are
+    #: downscaled to it, the map is upsampled back guided by the input and σ
+    #: is reported in pixels of the input. None = always full resolution.
+    working_long_side: Optional[int] = None
 
     # --- threads -----------------------------------------------------------
     #: Threads for onnxruntime and OpenCV; 0 = all cores.
