@@ -221,5 +221,13 @@ def model_info(model: Path) -> None:
         click.echo(f"{key}: {value}")
 
 
+# Benchmarking commands (dhde evaluate, dhde make-synthetic) live with the
+# evaluation package; registered here so `dhde --help` lists them.
+from .evaluation.cli import evaluate_command, make_synthetic_command  # noqa: E402
+
+main.add_command(evaluate_command)
+main.add_command(make_synthetic_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
