@@ -12,7 +12,7 @@ Names on the command line:
 ``dhde-dense[:MODEL]``       propagated map before the median filter
 ``dhde-sparse[:MODEL]``      σ at edge pixels only (NaN elsewhere: only edge
                              pixels are scored)
-``zhuo-sim``                 Zhuo & Sim 2011 defocus map (project baseline)
+``zhuo-sim``                 Zhuo & Sim 2011 defocus map, σ in px (baseline)
 ``laplacian-variance``       local variance of the Laplacian, inverted
 ``hifst``                    HiFST of the PyPI package ``blur-detector``
                              (optional extra ``dhde[hifst]``), inverted
@@ -41,16 +41,17 @@ RELATIVE_UNITS = "relative"
 
 #: dhde variants: name → which map of the pipeline is scored.
 DHDE_VARIANTS = {"dhde": "final", "dhde-dense": "dense", "dhde-sparse": "sparse"}
-_DHDE_LABELS = {"final": "dhde", "dense": "dhde dense (before WMF)", "sparse": "dhde sparse (edges only)"}
+_DHDE_LABELS = {"final": "dhde", "dense": "dhde dense, before WMF", "sparse": "dhde sparse, edge pixels"}
 
-#: Baselines: name → (function in dhde.baselines, input kind, description).
+#: Baselines: name → (function in dhde.baselines, input kind, units, description).
 #: The gray-image peers get the file path: they then read it as the reference
 #: benchmark did (``cv2.imread(path, 0)``, libjpeg's own Y plane for JPEGs),
 #: not a gray image recomputed from the decoded RGB.
 BASELINES = {
-    "zhuo-sim": ("zhuo_sim_defocus", "rgb", "Zhuo & Sim 2011 defocus map from edge re-blurring"),
-    "laplacian-variance": ("laplacian_variance_blur", "path", "local Laplacian variance (15x15), inverted"),
-    "hifst": ("hifst_blur", "path", "HiFST, Golestaneh & Karam 2017 (PyPI blur-detector), inverted"),
+    "zhuo-sim": ("zhuo_sim_defocus", "rgb", SIGMA_UNITS, "Zhuo & Sim 2011 defocus map (σ, px) from edge re-blurring"),
+    "laplacian-variance": ("laplacian_variance_blur", "path", RELATIVE_UNITS,
+                           "local Laplacian variance (15x15), inverted"),
+    "hifst": ("hifst_blur", "path", RELATIVE_UNITS, "HiFST, Golestaneh & Karam 2017 (PyPI blur-detector), inverted"),
 }
 
 #: One engine call: (image path, loader of the float64 RGB image) → maps by output name.
@@ -127,7 +128,8 @@ def parse_method(name: str, model: Optional[Path] = None) -> MethodSpec:
     if base in BASELINES:
         if path_text:
             raise MethodError(f"method {base!r} takes no model file (got {name!r})")
-        return MethodSpec(name, base, base, EngineSpec(base), "map", RELATIVE_UNITS, BASELINES[base][2])
+        _, _, units, description = BASELINES[base]
+        return MethodSpec(name, base, base, EngineSpec(base), "map", units, description)
     known = ", ".join([*(f"{v}[:MODEL]" for v in DHDE_VARIANTS), *BASELINES])
     raise MethodError(f"unknown method {name!r}; known: {known}")
 
@@ -198,16 +200,35 @@ class DhdeEngine:
         return {
             "final": result.defocus.astype(np.float32),
             "dense": result.dense.astype(np.float32),
-            # Defined at edge pixels only; NaN marks pixels not to score.
-            "sparse": np.where(result.edge_map > 0, result.sparse, np.nan).astype(np.float32),
+            "sparse": sparse_on_input_grid(result),
         }
+
+
+def sparse_on_input_grid(result) -> np.ndarray:
+    """dhde's sparse map as a float32 map of the input size, NaN off the edges.
+
+    NaN marks pixels not to score. A photo processed at a reduced working
+    resolution (``result.working_scale`` s < 1) has its edge pixels at the
+    working size: each is placed at the nearest input pixel of its centre
+    and its σ converted to input pixels (÷ s).
+    """
+    height, width = result.defocus.shape
+    scale = float(getattr(result, "working_scale", 1.0))
+    rows, cols = np.nonzero(result.edge_map)
+    sigma = result.sparse[rows, cols] / scale
+    if scale != 1.0:
+        rows = np.clip(np.round((rows + 0.5) / scale - 0.5).astype(np.int64), 0, height - 1)
+        cols = np.clip(np.round((cols + 0.5) / scale - 0.5).astype(np.int64), 0, width - 1)
+    sparse = np.full((height, width), np.nan, dtype=np.float32)
+    sparse[rows, cols] = sigma
+    return sparse
 
 
 class BaselineEngine:
     """A function of :mod:`dhde.baselines`, imported on first use."""
 
     def __init__(self, kind: str):
-        function_name, self.input_kind, _ = BASELINES[kind]
+        function_name, self.input_kind, _, _ = BASELINES[kind]
         try:
             from .. import baselines
         except ImportError as exc:

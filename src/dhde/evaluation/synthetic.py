@@ -5,8 +5,8 @@ drawn at random (deterministically from a seed), in one of two families:
 
 * ``smooth``: a smooth random field (bicubic upsampling of a few-cell
   Gaussian noise grid) rescaled to a random [σ_lo, σ_hi] with σ_lo in
-  [0, 1] px and σ_hi in [1.5, 3] px, so maps reach within and beyond the
-  paper's label range 0.5–2.0;
+  [0, 0.5] px and σ_hi in [1.5, 3] px, so every map spans the paper's label
+  range 0.5–2.0 and reaches beyond it on one or both sides;
 * ``layered``: two or three depth layers cut from another smooth field at
   random quantiles, each with a constant σ increasing with depth (the nearest
   layer in [0, 0.6] px, the others above the mask threshold, up to 3 px):
@@ -125,7 +125,7 @@ def smooth_field(shape: tuple[int, int], rng: np.random.Generator, cells: tuple[
 
 def smooth_sigma_map(shape: tuple[int, int], rng: np.random.Generator, params: SyntheticParameters) -> np.ndarray:
     """σ map of the ``smooth`` family: a smooth field over [σ_lo, σ_hi]."""
-    low = rng.uniform(0.0, 1.0)
+    low = rng.uniform(0.0, 0.5)
     high = rng.uniform(1.5, params.sigma_max)
     return low + (high - low) * smooth_field(shape, rng, params.grid_cells)
 
