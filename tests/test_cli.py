@@ -40,8 +40,8 @@ def test_convert_and_estimate_writes_all_outputs(runner, tmp_path, caffemodel_pa
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(
-        f"0002_{s}" for s in ("defocus.tif", "defocus.png", "mask.png", "sparse.tif", "confidence.tif",
-                              "jbf.tif", "dense.tif", "edges.png")
+        [f"0002_{s}" for s in ("defocus.tif", "defocus.png", "mask.png", "sparse.tif", "confidence.tif",
+                               "jbf.tif", "dense.tif", "edges.png")] + ["manifest.jsonl"]
     )
     defocus = tifffile.imread(out / "0002_defocus.tif")
     assert defocus.dtype == np.float32 and defocus.shape == (480, 640)
@@ -57,7 +57,9 @@ def test_convert_and_estimate_writes_all_outputs(runner, tmp_path, caffemodel_pa
 def test_bad_inputs_fail_cleanly_and_batch_continues(runner, tmp_path, authors_model_path, reference_dir):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
-    good = reference_dir / "images" / "0002.jpg"
+    # In the same folder as the others, so its outputs go to the top of --out.
+    good = tmp_path / "0002.jpg"
+    good.write_bytes((reference_dir / "images" / "0002.jpg").read_bytes())
     out = tmp_path / "out"
     result = runner.invoke(
         main, ["estimate", str(bad), str(tmp_path / "missing.png"), str(good), "--model", str(authors_model_path),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import warnings
 from pathlib import Path
 
 import click
@@ -12,8 +11,6 @@ import click
 from . import __version__
 from .config import DHDEConfig
 from .errors import DHDEError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".ppm", ".pgm", ".gif"}
 
 
 def _fail(message: str) -> None:
@@ -32,90 +29,141 @@ def main() -> None:
     """
 
 
-def write_outputs(result, out_dir: Path, stem: str, intermediates: bool, vmin: float, vmax: float) -> list[Path]:
-    """Write one image's result files; returns the paths written."""
-    from .io import save_colormapped_png, save_float_tiff, save_mask_png, save_png
-
-    written = [
-        save_float_tiff(out_dir / f"{stem}_defocus.tif", result.defocus),
-        save_colormapped_png(out_dir / f"{stem}_defocus.png", result.defocus, vmin, vmax),
-        save_mask_png(out_dir / f"{stem}_mask.png", result.mask),
-    ]
-    if intermediates:
-        written += [
-            save_float_tiff(out_dir / f"{stem}_sparse.tif", result.sparse),
-            save_float_tiff(out_dir / f"{stem}_confidence.tif", result.confidence),
-            save_float_tiff(out_dir / f"{stem}_jbf.tif", result.jbf),
-            save_float_tiff(out_dir / f"{stem}_dense.tif", result.dense),
-            # 0 = no edge, 127 = weak edge (scale 1), 255 = strong edge (scale 2)
-            save_png(out_dir / f"{stem}_edges.png", (result.edge_map.astype("uint16") * 255 // 2).astype("uint8")),
-        ]
-    return written
-
-
 @main.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--model", "-m", type=click.Path(path_type=Path), default=None,
               help="Model file in dhde's format (e.g. from `dhde convert-caffe`). Default: the packaged model.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("dhde-out"), show_default=True,
-              help="Output folder.")
+              help="Output folder; outputs mirror the inputs' folders below it.")
 @click.option("--intermediates", is_flag=True,
               help="Also write the sparse, confidence, JBF and dense maps (float32 TIFF) and the edge map (PNG).")
 @click.option("--canny", "canny_variant", type=click.Choice(["r2016a", "r2017"]), default="r2016a", show_default=True,
               help="MATLAB Canny flavour: 16-tap Gaussian (R2016a) or 13-tap (later releases).")
 @click.option("--no-median", is_flag=True, help="Skip the final weighted median filter (the paper's map).")
-@click.option("--threads", type=int, default=0, show_default=True, help="Threads for the network and OpenCV; 0 = all cores.")
-@click.option("--timings", is_flag=True, help="Print per-stage times.")
-def estimate(images, model, out_dir, intermediates, canny_variant, no_median, threads, timings) -> None:
+@click.option("--working-size", type=click.IntRange(min=1), default=None, metavar="PX",
+              help="Run the pipeline with the photo's long side at PX pixels: larger photos are downscaled, "
+                   "the maps come back at the input's size.")
+@click.option("--full-resolution", is_flag=True, help="Run at every photo's own resolution, however large.")
+@click.option("--workers", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images processed in parallel, one process each (each loads the model once).")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Threads per worker for the network, features and OpenCV; 0 = the cores divided among the workers.")
+@click.option("--resume", is_flag=True, help="Skip images whose outputs are all there (e.g. after an interrupted run).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise an image with outputs fails).")
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Search the folders' subfolders.")
+@click.option("--scheduler", metavar="tcp://HOST:PORT", default=None,
+              help="Run on the Dask cluster of this scheduler (pip install 'dhde[dask]'); the inputs, the model and "
+                   "--out must be at the same paths on every worker.")
+@click.option("--dask", "dask_local", metavar="local[:N]", default=None,
+              help="Run on a new local Dask cluster of N worker processes (default: one per core).")
+@click.option("--quiet", "-q", is_flag=True,
+              help="No progress bar or per-image lines; warnings, errors and the summary only (for logs).")
+@click.option("--timings", is_flag=True, help="Print per-stage times of each image.")
+def estimate(images, model, out_dir, intermediates, canny_variant, no_median, working_size, full_resolution, workers,
+             threads, resume, overwrite, recursive, scheduler, dask_local, quiet, timings) -> None:
     """Estimate defocus maps of IMAGES and write them to --out.
 
-    Without IMAGES, runs on a built-in example photo (scikit-image's
-    'chelsea', a cat in front of a defocused background) with the packaged
-    default model.
+    IMAGES are photo files, folders (searched for .jpg, .png, .tif, ... files)
+    and quoted glob patterns ('shoot/**/*.jpg'). Without IMAGES, runs on a
+    built-in example photo (scikit-image's 'chelsea', a cat in front of a
+    defocused background) with the packaged default model.
 
-    Per input stem, writes STEM_defocus.tif (float32, σ in pixels of the
-    input), STEM_defocus.png (colour-mapped, colour bar in σ) and
-    STEM_mask.png (255 = blurred, the CUHK convention).
+    Per input, writes STEM_defocus.tif (float32, σ in pixels of the input),
+    STEM_defocus.png (colour-mapped, colour bar in σ) and STEM_mask.png
+    (255 = blurred, the CUHK convention), in the input's folder mirrored
+    below --out, and a line in --out/manifest.jsonl. Files are written under
+    temporary names and renamed, so an interrupted run leaves no partial
+    file: rerun it with --resume. A failed image does not stop the others;
+    the exit code is 1 if any failed.
     """
-    from .pipeline import DefocusEstimator
+    import contextlib
+    import os
+    import time
+    from collections import Counter
 
-    sources: list = list(images)
-    if not sources:
-        # The built-in example: scikit-image's bundled "chelsea" photo (a cat in
-        # focus in front of a defocused background), no download needed.
-        from skimage import data as skdata
+    from tqdm import tqdm
 
-        click.echo(f"no image given: running on the built-in example photo (scikit-image 'chelsea'); outputs in {out_dir}/")
-        sources = [("chelsea", skdata.chelsea())]
-    config = dataclasses.replace(
-        DHDEConfig(), canny_variant=canny_variant, wmf_enabled=not no_median, num_threads=threads
-    )
+    from . import batch
+
+    if working_size is not None and full_resolution:
+        _fail("--working-size and --full-resolution exclude each other")
+    if scheduler and dask_local:
+        _fail("--scheduler and --dask exclude each other")
+    if (scheduler or dask_local) and workers != 1:
+        _fail("--workers is for local runs; a Dask run uses the cluster's workers (--dask local:N for N of them)")
+    overrides = {"canny_variant": canny_variant, "wmf_enabled": not no_median, "num_threads": threads}
+    if working_size is not None or full_resolution:
+        overrides["working_long_side"] = working_size
+    config = dataclasses.replace(DHDEConfig(), **overrides)
+    cores = batch.available_cores()
+    if threads and workers * threads > cores:
+        click.echo(f"dhde: warning: {workers} workers × {threads} threads exceed the {cores} cores", err=True)
     try:
-        estimator = DefocusEstimator(model, config)
+        local_dask_workers = batch.parse_local_cluster(dask_local) if dask_local else None
+        if images:
+            inputs = batch.discover_inputs(images, recursive=recursive, out_dir=out_dir)
+            if not inputs:
+                raise DHDEError(f"no images found in {', '.join(str(p) for p in images)}")
+            jobs = batch.plan_jobs(inputs, out_dir, batch.input_root(images), intermediates)
+        else:
+            click.echo(f"no image given: running on the built-in example photo (scikit-image 'chelsea'); "
+                       f"outputs in {out_dir}/")
+            jobs = [batch.builtin_example_job(out_dir, intermediates)]
+        batch.check_output_dir(out_dir)
+        # Fail once, here, on a bad model rather than once per image. A remote
+        # cluster's workers may see files this machine does not.
+        if scheduler is None or model is None or model.exists():
+            from .pipeline import resolve_model
+
+            resolve_model(model, config)
     except DHDEError as exc:
         _fail(str(exc))
-    sigma = estimator.model.sigma_labels
-    failures: list[tuple[Path, str]] = []
-    for source in sources:
-        path, image = source if isinstance(source, tuple) else (source, source)
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                result = estimator.estimate(image)
-            for w in caught:
-                click.echo(f"dhde: warning: {path}: {w.message}", err=True)
-            written = write_outputs(result, out_dir, Path(path).stem, intermediates, min(sigma), max(sigma))
-        except DHDEError as exc:
-            failures.append((path, str(exc)))
-            click.echo(f"dhde: error: {exc}", err=True)
-            continue
-        click.echo(f"{path}: {len(written)} files in {out_dir} ({result.total_time:.2f} s)")
-        if timings:
-            click.echo("  " + ", ".join(f"{k} {v:.3f}s" for k, v in result.timings.items()))
-    if failures:
-        click.echo(f"dhde: {len(failures)} of {len(sources)} images failed:", err=True)
-        for path, msg in failures:
-            click.echo(f"  {path}: {msg}", err=True)
+    settings = batch.BatchSettings(model=Path(os.path.abspath(model)) if model else None, config=config,
+                                   overwrite=overwrite)
+
+    def shown(path: str) -> str:
+        relative = os.path.relpath(path) if os.path.isabs(path) else path
+        return path if relative.startswith(os.pardir) else relative
+
+    bar = tqdm(total=len(jobs), unit="img", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+    def on_record(record: dict) -> None:
+        name = shown(record["input"])
+        for message in record["warnings"]:
+            bar.write(f"dhde: warning: {name}: {message}", file=sys.stderr)
+        if record["status"] == "failed":
+            bar.write(f"dhde: error: {name}: {record['error']}", file=sys.stderr)
+        elif not quiet and record["status"] == "skipped":
+            bar.write(f"{name}: skipped, outputs complete", file=sys.stdout)
+        elif not quiet:
+            bar.write(f"{name}: {len(record['outputs'])} files in {out_dir} ({record['seconds']:.2f} s)",
+                      file=sys.stdout)
+            if timings:
+                bar.write("  " + ", ".join(f"{k} {v:.3f}s" for k, v in record["timings"].items()), file=sys.stdout)
+        bar.update()
+
+    started = time.perf_counter()
+    try:
+        use_dask = scheduler is not None or dask_local is not None
+        with batch.dask_client(scheduler, local_dask_workers) if use_dask else contextlib.nullcontext() as client:
+            records = batch.run_batch(jobs, out_dir, settings, resume=resume, workers=workers, client=client,
+                                      on_record=on_record)
+    except DHDEError as exc:
+        bar.close()
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        bar.close()
+        click.echo("dhde: interrupted; finished images are in the manifest, rerun with --resume to go on", err=True)
+        sys.exit(130)
+    bar.close()
+    counts = Counter(record["status"] for record in records)
+    click.echo(f"{counts['ok']} done, {counts['skipped']} skipped, {counts['failed']} failed in "
+               f"{time.perf_counter() - started:.1f} s; manifest: {out_dir / batch.MANIFEST_NAME}")
+    failed = [record for record in records if record["status"] == "failed"]
+    if failed:
+        click.echo(f"dhde: {len(failed)} of {len(records)} images failed:", err=True)
+        for record in failed:
+            click.echo(f"  {shown(record['input'])}: {record['error']}", err=True)
         sys.exit(1)
 
 
