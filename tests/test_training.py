@@ -315,3 +315,101 @@ def test_fit_two_stages_and_export(built, tmp_path):
     assert training["seed"] == 0 and training["test"]["accuracy"] == result.test.accuracy
     assert [s["stage"] for s in training["schedule"]] == ["f_C", "final"]
     assert load_checkpoint(result.checkpoint_path).features == model.features
+
+
+# ---------------------------------------------------------------------------
+# The feature study (dhde train ablation)
+# ---------------------------------------------------------------------------
+
+
+def test_single_scale_dataset_uses_scale_one_everywhere(built, sharp_dir, tmp_path):
+    out, _ = built
+    single = tmp_path / "single"
+    dataset.build_dataset(sharp_dir, single, seed=0, max_positions_per_image=MAX_POSITIONS, split=SPLIT,
+                          images=SET5[:2], progress=False, single_scale=True)
+    two_scale = np.load(out / "shards" / dataset.shard_name(SET5[0]))
+    one_scale = np.load(single / "shards" / dataset.shard_name(SET5[0]))
+    # Same positions and labels; every patch described at scale 1.
+    np.testing.assert_array_equal(one_scale["position"], two_scale["position"])
+    np.testing.assert_array_equal(one_scale["label"], two_scale["label"])
+    assert set(np.unique(two_scale["scale"])) == {1, 2} and set(np.unique(one_scale["scale"])) == {1}
+    for name in ("dct", "grd", "svd"):
+        assert not one_scale[name][:, 26:].any()  # the scale-2 block is empty
+        assert np.all(one_scale[name][:, 25] == 255)  # scale-1 bias entry, ×255
+    # Scale-1 samples are identical in both datasets; former scale-2 ones differ.
+    first = two_scale["scale"] == 1
+    np.testing.assert_array_equal(one_scale["dct"][first], two_scale["dct"][first])
+    assert not np.array_equal(one_scale["patch"][~first], two_scale["patch"][~first])
+    # The flag is part of the settings: a two-scale build does not reuse these shards.
+    assert json.loads(str(one_scale["settings"]))["single_scale"] is True
+
+
+def test_ablation_runs_scores_and_resumes(built, tmp_path):
+    pytest.importorskip("torch")
+    from dhde.training.ablation import run_ablation, write_report
+
+    out, manifest = built
+    lines: list[str] = []
+    results = run_ablation(out, tmp_path / "abl", variants=["S", "H"], epochs=2, seed=0, device="cpu",
+                           num_threads=1, log=lines.append)
+    assert list(results["variants"]) == ["S", "H"]
+    test_samples = manifest["counts"]["test"]["samples"]
+    for entry in results["variants"].values():
+        confusion = np.array(entry["confusion"])
+        assert confusion.shape == (11, 11) and confusion.sum() == test_samples == entry["test_samples"]
+        # Exact accuracy is the confusion's diagonal; within one class its three central diagonals.
+        assert entry["test_exact"] == pytest.approx(np.trace(confusion) / test_samples)
+        near = sum(np.trace(confusion, offset=k) for k in (-1, 0, 1))
+        assert entry["test_within_one"] == pytest.approx(near / test_samples)
+        assert len(entry["history"]) == 2
+    # Hand-crafted features together beat the SVD feature alone even in this tiny fit.
+    assert results["variants"]["H"]["test_within_one"] > results["variants"]["S"]["test_within_one"]
+    saved = json.loads((tmp_path / "abl" / "results.json").read_text())
+    assert saved["variants"]["H"]["test_exact"] == results["variants"]["H"]["test_exact"]
+
+    # A rerun with the same settings skips the finished variants.
+    lines.clear()
+    again = run_ablation(out, tmp_path / "abl", variants=["S", "H"], epochs=2, seed=0, device="cpu",
+                         num_threads=1, log=lines.append)
+    assert lines == ["S: done earlier, skipped", "H: done earlier, skipped"]
+    assert again["variants"] == saved["variants"]
+    with pytest.raises(ValueError, match="unknown variants"):
+        run_ablation(out, tmp_path / "abl", variants=["X"], device="cpu", log=None)
+
+    doc = write_report(tmp_path / "abl" / "results.json", tmp_path / "doc" / "fs.md", tmp_path / "doc" / "fig.png",
+                       discussion="Why.")
+    text = doc.read_text()
+    h = results["variants"]["H"]
+    assert f"| f_H = [f_D, f_G, f_S] | {100 * h['test_within_one']:.2f} % |" in text
+    assert text.rstrip().endswith("Why.") and not (tmp_path / "doc" / "fig.png").exists()  # no f_B: no figure
+
+
+def test_confusion_figure_is_written(tmp_path):
+    from dhde.training.ablation import confusion_figure
+
+    confusion = np.diag(np.arange(1, 12)) + 1
+    path = confusion_figure(confusion, [0.5 + 0.15 * k for k in range(11)], tmp_path / "c.png", "test")
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.size[0] > 300 and image.size[1] > 300
+
+
+def test_cosine_schedule_decays_to_the_floor():
+    torch = pytest.importorskip("torch")
+    from dhde.training.fit import COSINE_FLOOR, _make_scheduler
+
+    weight = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([weight], lr=1e-3)
+    scheduler = _make_scheduler("cosine", opt, total_steps=10)
+    rates = []
+    for _ in range(10):
+        opt.step()
+        scheduler.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates[4] == pytest.approx(1e-3 * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + np.cos(np.pi / 2))))
+    assert rates[-1] == pytest.approx(1e-3 * COSINE_FLOOR)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert _make_scheduler("constant", opt, 10) is None
+    with pytest.raises(ValueError, match="schedule"):
+        _make_scheduler("step", opt, 10)

@@ -198,7 +198,9 @@ def train() -> None:
               help="Cap on edge positions per image (each gives one sample per σ label); 0 = no cap.")
 @click.option("--split", default="0.8,0.1,0.1", show_default=True, help="Train,val,test fractions of the images.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Parallel worker processes.")
-def build_dataset_command(sharp_dir, out_dir, seed, max_positions, split, workers) -> None:
+@click.option("--single-scale", is_flag=True,
+              help="Every patch at scale 1 (27×27): data for the paper's single-scale ablation only.")
+def build_dataset_command(sharp_dir, out_dir, seed, max_positions, split, workers, single_scale) -> None:
     """Blur the sharp photos in SHARP_DIR synthetically and write labelled patches to OUT_DIR.
 
     Every edge position (training Canny thresholds, scales balanced) yields one
@@ -213,7 +215,7 @@ def build_dataset_command(sharp_dir, out_dir, seed, max_positions, split, worker
     except ValueError:
         _fail(f"--split must be three comma-separated fractions, got {split!r}")
     manifest = build_dataset(sharp_dir, out_dir, seed=seed, max_positions_per_image=max_positions or None,
-                             split=fractions, workers=workers)
+                             split=fractions, workers=workers, single_scale=single_scale)
     counts = {name: len(ids) for name, ids in manifest.get("split", {}).items()}
     click.echo(f"dataset in {out_dir}: images per split {counts}")
 
@@ -231,7 +233,9 @@ def build_dataset_command(sharp_dir, out_dir, seed, max_positions, split, worker
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, help="torch threads.")
-def fit_command(dataset, out, features, epochs, pretrain_epochs, lr, schedule, batch_size, seed, threads) -> None:
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (CUDA when available).")
+def fit_command(dataset, out, features, epochs, pretrain_epochs, lr, schedule, batch_size, seed, threads,
+                device) -> None:
     """Train a classifier on DATASET (from `dhde train build-dataset`) and export it.
 
     For f_B the paper's two-stage schedule is used: the deep feature and the
@@ -244,10 +248,61 @@ def fit_command(dataset, out, features, epochs, pretrain_epochs, lr, schedule, b
     except ImportError as exc:
         _fail(f"training needs torch: pip install 'dhde[train]' ({exc})")
     result = fit(dataset, out, features=features, epochs=epochs, pretrain_epochs=pretrain_epochs, lr=lr,
-                 schedule=schedule, batch_size=batch_size, seed=seed, num_threads=threads, progress=True)
+                 schedule=schedule, batch_size=batch_size, seed=seed, num_threads=threads, device=device,
+                 progress=True)
     click.echo(f"wrote {result.model_path} ({result.training_seconds / 60:.1f} min of training)")
     if result.test is not None:
         click.echo(f"test images: {result.test}")
+
+
+@train.command("ablation")
+@click.argument("dataset", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="Folder for the models and results.json (a rerun skips finished variants).")
+@click.option("--single-scale-dataset", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="The same images built with --single-scale, for the single-scale f_B variant.")
+@click.option("--variant", "variants", multiple=True,
+              help="Run only these variants (D, G, S, C, H, B, DSC, GSC, B-single); default all.")
+@click.option("--epochs", type=int, default=8, show_default=True, help="Epochs of every variant's (final) stage.")
+@click.option("--pretrain-epochs", type=int, default=3, show_default=True,
+              help="Epochs of f_C alone before the combinations with f_C.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+def ablation_command(dataset, out, single_scale_dataset, variants, epochs, pretrain_epochs, batch_size, seed, device,
+                     threads) -> None:
+    """The paper's feature study: train the classifier on f_D, f_G, f_S, f_C, f_H, f_B, [f_D,f_S,f_C],
+    [f_G,f_S,f_C] and single-scale f_B, and score each on the test images.
+
+    Writes OUT/results.json; `dhde train ablation-report` turns it into
+    docs/feature-study.md and a confusion figure.
+    """
+    try:
+        from .training.ablation import run_ablation
+    except ImportError as exc:
+        _fail(f"training needs torch: pip install 'dhde[train]' ({exc})")
+    run_ablation(dataset, out, single_scale_dataset, variants=variants or None, epochs=epochs,
+                 pretrain_epochs=pretrain_epochs, seed=seed, batch_size=batch_size, device=device, num_threads=threads)
+    click.echo(f"results in {out / 'results.json'}")
+
+
+@train.command("ablation-report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--doc", type=click.Path(path_type=Path), default=Path("docs/feature-study.md"), show_default=True)
+@click.option("--figure", type=click.Path(path_type=Path), default=Path("docs/feature-study-confusion.png"),
+              show_default=True)
+@click.option("--discussion", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A markdown file with the interpretation, appended after the table.")
+@click.option("--command-text", default="", help="The command that produced RESULTS, quoted in the page.")
+def ablation_report_command(results, doc, figure, discussion, command_text) -> None:
+    """Write the feature-study page and f_B's confusion figure from RESULTS (one or more
+    results.json of `dhde train ablation`, e.g. one per seed)."""
+    from .training.ablation import write_report
+
+    text = discussion.read_text(encoding="utf-8") if discussion else ""
+    write_report(results, doc, figure, discussion=text, command=command_text)
+    click.echo(f"wrote {doc} and {figure}")
 
 
 @main.command("model-info")

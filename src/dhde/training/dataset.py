@@ -144,6 +144,7 @@ def image_samples(
     config: DHDEConfig,
     rng: np.random.Generator,
     max_positions: Optional[int] = None,
+    single_scale: bool = False,
 ) -> dict[str, np.ndarray]:
     """All training samples of one sharp image (see :data:`SHARD_ARRAYS`).
 
@@ -153,6 +154,11 @@ def image_samples(
             patch radii, feature bins).
         rng: draws the balanced positions.
         max_positions: cap on positions (both scales together).
+        single_scale: the paper's single-scale ablation: the same positions,
+            but every patch is cut and described at scale 1 (27×27), so the
+            hand-crafted features fill only their scale-1 block. Models
+            trained on such data are for that study only: the inference
+            pipeline always uses two scales.
 
     Returns:
         The shard arrays, N = n_labels · n_positions samples (N may be 0).
@@ -163,6 +169,8 @@ def image_samples(
     if n == 0:
         return empty_samples()
     scales = patches.patch_scales(len(positions), n)
+    if single_scale:
+        scales = np.ones_like(scales)
 
     # The authors pad the image by each scale's radius, then blur the padded
     # image with replicate borders. Blurring a replicate-padded image with
@@ -181,12 +189,15 @@ def image_samples(
         # Gray and gradient are recomputed from the blurred image (§6.3).
         gray_padded = edges.value_channel(blurred)
         gradient_padded = patches.gradient_image(gray_padded)
-        hand = features.HandCraftedFeatures.concatenate(
-            [
-                features.scale_features(gray_padded, gradient_padded, pad, positions[:n], 1, config),
-                features.scale_features(gray_padded, gradient_padded, pad, positions[n:], 2, config),
-            ]
-        )
+        if single_scale:
+            hand = features.scale_features(gray_padded, gradient_padded, pad, positions, 1, config)
+        else:
+            hand = features.HandCraftedFeatures.concatenate(
+                [
+                    features.scale_features(gray_padded, gradient_padded, pad, positions[:n], 1, config),
+                    features.scale_features(gray_padded, gradient_padded, pad, positions[n:], 2, config),
+                ]
+            )
         per_label.append(
             {
                 "dct": features.quantise_features(hand.dct),
@@ -243,15 +254,19 @@ def shard_name(image_id: str) -> str:
     return image_id.replace("/", "__").rsplit(".", 1)[0] + ".npz"
 
 
-def _settings(config: DHDEConfig, seed: int, max_positions: Optional[int]) -> dict:
+def _settings(config: DHDEConfig, seed: int, max_positions: Optional[int], single_scale: bool = False) -> dict:
     """Everything a shard's content depends on (besides the image)."""
-    return {
+    settings = {
         "format": DATASET_FORMAT,
         "format_version": DATASET_VERSION,
         "seed": int(seed),
         "max_positions_per_image": max_positions,
         "config": dataclasses.asdict(config),
     }
+    if single_scale:
+        # Only recorded when set, so two-scale datasets keep their keys.
+        settings["single_scale"] = True
+    return settings
 
 
 def _settings_key(settings: dict) -> str:
@@ -294,11 +309,11 @@ def _atomic_write_json(path: Path, content: dict) -> None:
 
 def _build_shard(job: tuple) -> dict:
     """Build one image's shard unless a current one exists; return its manifest record."""
-    sharp_dir, shard_dir, image_id, config, seed, max_positions, settings_key = job
+    sharp_dir, shard_dir, image_id, config, seed, max_positions, single_scale, settings_key = job
     path = shard_dir / shard_name(image_id)
     if not _shard_is_current(path, settings_key):
         rng = np.random.default_rng(image_seed(seed, image_id))
-        samples = image_samples(load_image(sharp_dir / image_id), config, rng, max_positions)
+        samples = image_samples(load_image(sharp_dir / image_id), config, rng, max_positions, single_scale)
         _atomic_savez(path, {**samples, "image_id": np.array(image_id), "settings": np.array(settings_key)})
     with np.load(path) as shard:
         n_samples = int(len(shard["label"]))
@@ -315,6 +330,7 @@ def build_dataset(
     images: Optional[Iterable[str]] = None,
     progress: bool = True,
     workers: int = 1,
+    single_scale: bool = False,
 ) -> dict:
     """Build (or resume building) a training dataset from sharp images.
 
@@ -332,6 +348,8 @@ def build_dataset(
             every image found.
         progress: show a tqdm progress bar.
         workers: processes building shards in parallel (1 = in this process).
+        single_scale: every patch at scale 1 (the paper's single-scale
+            ablation, see :func:`image_samples`).
 
     Returns:
         The manifest (also written to ``out_dir/manifest.json``).
@@ -343,10 +361,13 @@ def build_dataset(
         raise ValueError(f"no images found under {sharp_dir}")
     shard_dir = out_dir / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    settings = _settings(config, seed, max_positions_per_image)
+    settings = _settings(config, seed, max_positions_per_image, single_scale)
     settings_key = _settings_key(settings)
 
-    jobs = [(sharp_dir, shard_dir, image_id, config, seed, max_positions_per_image, settings_key) for image_id in image_ids]
+    jobs = [
+        (sharp_dir, shard_dir, image_id, config, seed, max_positions_per_image, single_scale, settings_key)
+        for image_id in image_ids
+    ]
     bar = tqdm(total=len(jobs), desc="dataset", unit="img", disable=not progress)
     records = []
     if workers > 1:
