@@ -114,7 +114,13 @@ class DHDEConfig:
     #: Long side, in pixels, at which the pipeline runs; larger inputs are
     #: downscaled to it, the map is upsampled back guided by the input and σ
     #: is reported in pixels of the input. None = always full resolution.
-    working_long_side: Optional[int] = None
+    #: Default chosen by measurement (README, "High-resolution photos").
+    working_long_side: Optional[int] = 1024
+    #: Guided upsampling of the map to the input size (fast guided filter):
+    #: window radius in working pixels and regulariser in intensity² ([0, 1]
+    #: intensities; edges weaker than ~√eps = 0.03 are smoothed over).
+    upsample_radius: int = 2
+    upsample_eps: float = 1e-3
 
     # --- threads -----------------------------------------------------------
     #: Threads for onnxruntime and OpenCV; 0 = all cores.

@@ -2,11 +2,19 @@
 
 Images enter the pipeline as float64 RGB in [0, 1], shape (H, W, 3), with the
 EXIF orientation applied (a phone photo is processed the way it is viewed).
+
+Loading has two steps: :func:`load_pixels` decodes a file to its stored
+values in a small set of dtypes (uint8, uint16, float32, float64), and
+:func:`pixels_to_rgb` normalises them to [0, 1]. The split lets a
+high-resolution photo be downscaled in its 1-byte-per-channel form (see
+:mod:`dhde.resolution`) instead of first expanding to float64 (a 24 MP photo
+is 72 MB as uint8 and 576 MB as float64 RGB).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,16 +29,38 @@ ImageSource = Union[str, os.PathLike, np.ndarray, Image.Image]
 
 _TIFF_SUFFIXES = {".tif", ".tiff"}
 
+#: dtypes of the arrays returned by :func:`load_pixels` and :func:`canonical_pixels`.
+PIXEL_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.float32), np.dtype(np.float64))
 
-def _pil_to_rgb_float(img: Image.Image) -> np.ndarray:
-    """Convert any Pillow image to float64 RGB in [0, 1] (alpha dropped)."""
+
+def max_image_pixels() -> int:
+    """Largest pixel count (width × height) a file may have, read at call time.
+
+    This is Pillow's decompression-bomb limit, ``PIL.Image.MAX_IMAGE_PIXELS``
+    (89,478,485 by default: a 48 MP photo passes, a 100 MP one does not); set
+    it to allow larger photos. dhde treats Pillow's warning above the limit as
+    an error and applies the same limit to TIFF files read with tifffile.
+    """
+    limit = Image.MAX_IMAGE_PIXELS
+    return int(limit) if limit else np.iinfo(np.int64).max
+
+
+def _too_large(path: Path, pixels: int | None) -> ImageLoadError:
+    count = f"{pixels:,} pixels" if pixels is not None else "too many pixels"
+    return ImageLoadError(
+        f"image too large: {count}, more than the {max_image_pixels():,} allowed "
+        f"(decompression-bomb guard; raise PIL.Image.MAX_IMAGE_PIXELS to allow it): {path}"
+    )
+
+
+def _pil_to_pixels(img: Image.Image) -> np.ndarray:
+    """Any Pillow image → (H, W) or (H, W, 3) array of a :data:`PIXEL_DTYPES` dtype."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        gray = np.asarray(img, dtype=np.float64) / 65535.0
-        return np.repeat(gray[..., None], 3, axis=2)
+    if mode.startswith("I;16"):
+        return np.asarray(img).astype(np.uint16)  # also makes big-endian "I;16B" native
     if mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        return array_to_rgb(arr)
+        # 32-bit integer (e.g. 16-bit PGM files) or float: the array rules apply.
+        return canonical_pixels(np.asarray(img))
     if mode == "1":
         img = img.convert("L")
     elif mode not in ("RGB", "L"):
@@ -38,57 +68,135 @@ def _pil_to_rgb_float(img: Image.Image) -> np.ndarray:
         # is the colour-managed-free standard; alpha is dropped, not composited,
         # so transparent pixels keep their colour.
         img = img.convert("RGB")
-    arr = np.asarray(img, dtype=np.float64) / 255.0
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    return arr
+    return np.asarray(img)
+
+
+def canonical_pixels(array: np.ndarray) -> np.ndarray:
+    """Validate an in-memory image and bring it to a :data:`PIXEL_DTYPES` dtype.
+
+    Accepts (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays (alpha dropped).
+    Returns (H, W) for one channel, else (H, W, 3); values are not rescaled:
+    bool becomes uint8 0/255, other integer types become uint8 if every value
+    fits in 0..255, else uint16 (values outside 0..65535 are an error), float16
+    becomes float32. Non-finite floats are an error. uint8/uint16/float inputs
+    of the right shape are returned without a copy.
+    """
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ImageLoadError(f"unsupported image array shape {array.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
+    if arr.ndim == 3:
+        arr = arr[..., :3]
+    if arr.size == 0:
+        raise ImageLoadError(f"empty image array of shape {array.shape}")
+    if arr.dtype in PIXEL_DTYPES:
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise ImageLoadError("image array contains NaN or infinite values")
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * np.uint8(255)
+    if np.issubdtype(arr.dtype, np.integer):
+        # Other integer types: taken as 8-bit if every value fits, else 16-bit.
+        low, high = int(arr.min()), int(arr.max())
+        if low < 0 or high > 65535:
+            raise ImageLoadError(f"integer image values out of range for dtype {arr.dtype} ({low}..{high}; 0..65535 allowed)")
+        return arr.astype(np.uint8 if high <= 255 else np.uint16)
+    if np.issubdtype(arr.dtype, np.floating):
+        return canonical_pixels(arr.astype(np.float32 if arr.dtype.itemsize < 4 else np.float64))
+    raise ImageLoadError(f"unsupported image dtype {arr.dtype}")
+
+
+def unit_range(pixels: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Values of a :data:`PIXEL_DTYPES` array in [0, 1], same shape, as ``dtype``.
+
+    uint8 ÷ 255, uint16 ÷ 65535; floats are taken as [0, 1] and clipped.
+    """
+    if pixels.dtype == np.uint8:
+        return pixels.astype(dtype) / dtype(255.0)
+    if pixels.dtype == np.uint16:
+        return pixels.astype(dtype) / dtype(65535.0)
+    if pixels.dtype.kind == "f":
+        return np.clip(pixels.astype(dtype), 0.0, 1.0)
+    raise ImageLoadError(f"unsupported pixel dtype {pixels.dtype} (use canonical_pixels first)")
+
+
+def pixels_to_rgb(pixels: np.ndarray) -> np.ndarray:
+    """A :data:`PIXEL_DTYPES` (H, W) or (H, W, 3) array → float64 RGB in [0, 1], (H, W, 3)."""
+    rgb = unit_range(pixels, np.float64)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
+    return rgb
 
 
 def array_to_rgb(array: np.ndarray) -> np.ndarray:
     """Normalise an in-memory image to float64 RGB in [0, 1], shape (H, W, 3).
 
     Accepts (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) arrays (alpha dropped) of
-    dtype uint8 (÷255), uint16 (÷65535), bool, or float (taken as [0, 1] and
-    clipped). Non-finite values are an error.
+    dtype uint8 (÷255), uint16 (÷65535), bool, other integers (see
+    :func:`canonical_pixels`) or float (taken as [0, 1] and clipped).
+    Non-finite values are an error.
     """
-    arr = np.asarray(array)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[..., 0]
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ImageLoadError(f"unsupported image array shape {array.shape}; expected (H, W), (H, W, 3) or (H, W, 4)")
-    arr = arr[..., :3]
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float64) / 255.0
-    if arr.dtype == np.uint16:
-        return arr.astype(np.float64) / 65535.0
-    if arr.dtype == np.bool_:
-        return arr.astype(np.float64)
-    if np.issubdtype(arr.dtype, np.integer):
-        # Other integer types: taken as 8-bit if every value fits, else 16-bit.
-        if arr.min() < 0 or arr.max() > 65535:
-            raise ImageLoadError(f"integer image values out of range for dtype {arr.dtype}")
-        scale = 255.0 if arr.max() <= 255 else 65535.0
-        return arr.astype(np.float64) / scale
-    if np.issubdtype(arr.dtype, np.floating):
-        out = arr.astype(np.float64)
-        if not np.all(np.isfinite(out)):
-            raise ImageLoadError("image array contains NaN or infinite values")
-        return np.clip(out, 0.0, 1.0)
-    raise ImageLoadError(f"unsupported image dtype {arr.dtype}")
+    return pixels_to_rgb(canonical_pixels(array))
 
 
 def _load_tiff(path: Path) -> np.ndarray:
+    """TIFF through tifffile (16-bit and float samples keep their precision).
+
+    tifffile returns stored samples as they are, which is right for gray
+    (min-is-black) and RGB images only; palette, min-is-white, CMYK, YCbCr and
+    CIELAB files, and compressions tifffile cannot decode without the optional
+    ``imagecodecs`` package (JPEG, ...), go through Pillow, which converts
+    them. Only the first page of a multi-page file is read.
+    """
     import tifffile
 
     try:
-        arr = tifffile.imread(path)
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            if page.imagewidth * page.imagelength > max_image_pixels():
+                raise _too_large(path, page.imagewidth * page.imagelength)
+            if page.photometric in (tifffile.PHOTOMETRIC.MINISBLACK, tifffile.PHOTOMETRIC.RGB):
+                try:
+                    arr = page.asarray()
+                except ValueError:  # e.g. "<COMPRESSION.JPEG> requires the 'imagecodecs' package"
+                    arr = None
+                if arr is not None:
+                    if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE and arr.ndim == 3:
+                        arr = np.moveaxis(arr, 0, 2)  # planar (C, H, W) storage
+                    if page.photometric == tifffile.PHOTOMETRIC.MINISBLACK and arr.ndim == 3:
+                        arr = arr[..., 0]  # gray + extra samples (alpha)
+                    return canonical_pixels(arr)
+    except ImageLoadError:
+        raise
     except Exception as exc:  # tifffile raises many types for broken files
         raise ImageLoadError(f"cannot read TIFF {path}: {exc}".splitlines()[0]) from exc
-    if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
-        arr = np.moveaxis(arr, 0, 2)  # planar (C, H, W) storage
-    return array_to_rgb(arr)
+    return _load_with_pillow(path)
+
+
+def load_pixels(source: ImageSource) -> np.ndarray:
+    """Decode a photo to its stored values, before normalisation.
+
+    Returns (H, W) (gray) or (H, W, 3) (colour), dtype uint8, uint16, float32
+    or float64 (see :data:`PIXEL_DTYPES`; :func:`pixels_to_rgb` maps it to
+    [0, 1]). Everything else is as :func:`load_image`. Numpy arrays are
+    validated (:func:`canonical_pixels`) and returned without a copy when
+    already in this form.
+    """
+    if isinstance(source, np.ndarray):
+        return canonical_pixels(source)
+    if isinstance(source, Image.Image):
+        return _pil_to_pixels(ImageOps.exif_transpose(source))
+    path = Path(source)
+    if not path.exists():
+        raise ImageLoadError(f"no such file: {path}")
+    if path.is_dir():
+        raise ImageLoadError(f"is a directory, not an image: {path}")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(f"empty file: {path}")
+    if path.suffix.lower() in _TIFF_SUFFIXES:
+        return _load_tiff(path)
+    return _load_with_pillow(path)
 
 
 def load_image(source: ImageSource) -> np.ndarray:
@@ -101,21 +209,13 @@ def load_image(source: ImageSource) -> np.ndarray:
     16-bit inputs are scaled by 1/65535.
 
     Raises :class:`~dhde.errors.ImageLoadError` with a one-line message for a
-    missing, unreadable, truncated or unsupported file.
+    missing, unreadable, truncated, unsupported or too large file (more than
+    :func:`max_image_pixels` pixels).
     """
-    if isinstance(source, np.ndarray):
-        return array_to_rgb(source)
-    if isinstance(source, Image.Image):
-        return _pil_to_rgb_float(ImageOps.exif_transpose(source))
-    path = Path(source)
-    if not path.exists():
-        raise ImageLoadError(f"no such file: {path}")
-    if path.is_dir():
-        raise ImageLoadError(f"is a directory, not an image: {path}")
-    if path.stat().st_size == 0:
-        raise ImageLoadError(f"empty file: {path}")
-    if path.suffix.lower() in _TIFF_SUFFIXES:
-        return _load_tiff(path)
+    return pixels_to_rgb(load_pixels(source))
+
+
+def _load_with_pillow(path: Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -123,9 +223,11 @@ def load_image(source: ImageSource) -> np.ndarray:
                 if _is_16bit_colour_png(img):
                     return _load_16bit_colour_png(path)
                 img.load()
-                return _pil_to_rgb_float(ImageOps.exif_transpose(img))
+                return _pil_to_pixels(ImageOps.exif_transpose(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"image too large (decompression-bomb guard): {path}") from exc
+        # Pillow's message is "Image size (N pixels) exceeds limit of ...".
+        count = re.search(r"\((\d+) pixels\)", str(exc))
+        raise _too_large(path, int(count.group(1)) if count else None) from exc
     except UnidentifiedImageError as exc:
         raise ImageLoadError(f"not a recognised image file: {path}") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -147,7 +249,7 @@ def _load_16bit_colour_png(path: Path) -> np.ndarray:
     if arr is None:
         raise ImageLoadError(f"cannot read image {path}: OpenCV could not decode it")
     arr = arr[..., [2, 1, 0]] if arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]]
-    return array_to_rgb(arr)
+    return canonical_pixels(arr)
 
 
 def to_uint8(rgb: np.ndarray) -> np.ndarray:

@@ -9,6 +9,12 @@
 7. propagation to every pixel with the matting Laplacian (§10)
 8. joint weighted median filter (§11, released code only)
 9. blur mask by the α threshold rule (§12)
+
+Photos larger than ``DHDEConfig.working_long_side`` run at that working
+resolution: stages 1–8 see the downscaled photo, and the final and dense maps
+are upsampled to the input size guided by the full-resolution photo, with σ
+in pixels of the input (see :mod:`dhde.resolution`); the mask is then
+computed from the upsampled map.
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from . import edges, features, jbf, matting, patches, rgf, segmentation, wmf
+from . import edges, features, jbf, matting, patches, resolution, rgf, segmentation, wmf
 from .config import DHDEConfig
 from .errors import ImageTooSmallError, NoModelError
-from .io import ImageSource, load_image, to_uint8
+from .io import ImageSource, load_pixels, pixels_to_rgb, to_uint8, unit_range
 from .model import DefocusModel
 
 ModelSource = Union[str, Path, DefocusModel, None]
@@ -40,20 +46,34 @@ class NoEdgesWarning(UserWarning):
 class DefocusResult:
     """Everything the pipeline computed for one image.
 
-    All maps are float64 (H, W) in σ pixels of the processed image unless
-    stated otherwise.
+    Two sizes appear when a photo is larger than the working resolution
+    (``working_scale`` < 1): the input size (H, W) and the working size
+    (h, w) ≈ (H·s, W·s) at which stages 1–8 ran. Otherwise both are the
+    input size and s = 1.
 
-    Attributes:
-        sparse: σ of the predicted label at edge pixels, 0 elsewhere.
-        confidence: probability of the predicted label at edge pixels, 0 elsewhere.
-        jbf: probability-joint bilateral filtered sparse map (edge pixels only).
-        dense: propagated map (every pixel), before the median filter.
-        defocus: the final map (after the weighted median filter if enabled).
-        mask: bool (H, W), True = out of focus (α rule).
-        edge_map: uint8 (H, W), 0 none, 1 weak edge (scale 1), 2 strong (scale 2).
-        guide: float64 (H, W, 3) rolling-guidance-filtered image.
+    Attributes at the input size (H, W), σ in pixels of the input:
+        defocus: float64, the final map (after the weighted median filter if
+            enabled); guided-upsampled from the working size when s < 1.
+        dense: float64, the propagated map before the median filter, upsampled
+            the same way.
+        mask: bool, True = out of focus: the α rule applied to ``defocus``
+            itself, so it is what thresholding the written map gives.
+
+    Intermediate attributes at the working size (h, w), σ in *working*
+    pixels (divide by ``working_scale`` for input pixels):
+        sparse: float64, σ of the predicted label at edge pixels, 0 elsewhere.
+        confidence: float64, probability of the predicted label at edge
+            pixels, 0 elsewhere.
+        jbf: float64, probability-joint bilateral filtered sparse map (edge
+            pixels only).
+        edge_map: uint8, 0 none, 1 weak edge (scale 1), 2 strong (scale 2).
+        guide: float64 (h, w, 3) rolling-guidance-filtered image.
         positions: int64 (N, 2) [row, col] of the classified edge pixels.
+
+    Other attributes:
         probabilities: float32 (N, 11) network output per edge pixel.
+        working_scale: s ∈ (0, 1], working size / input size (1.0 when the
+            photo was processed at full resolution).
         timings: seconds per stage, in pipeline order. ``rgf``,
             ``laplacian`` and ``solver_setup`` run in a background thread
             while the features and the network run, so the stages add up
@@ -73,6 +93,7 @@ class DefocusResult:
     probabilities: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     total_time: float = 0.0
+    working_scale: float = 1.0
 
 
 def default_model_path() -> Optional[Path]:
@@ -169,12 +190,18 @@ class DefocusEstimator:
         start = time.perf_counter()
 
         with timer("load"):
-            rgb = load_image(image)
+            # Decoded values (uint8 for an 8-bit photo): a large photo is
+            # downscaled before any full-size float copy is made.
+            pixels = load_pixels(image)
         min_side = 2 * max(cfg.patch_radius) + 1
-        if min(rgb.shape[:2]) < min_side:
+        if min(pixels.shape[:2]) < min_side:
             raise ImageTooSmallError(
-                f"image is {rgb.shape[1]}×{rgb.shape[0]} px; DHDE needs at least {min_side}×{min_side} (one patch)"
+                f"image is {pixels.shape[1]}×{pixels.shape[0]} px; DHDE needs at least {min_side}×{min_side} (one patch)"
             )
+        scale = resolution.working_scale(pixels.shape, cfg.working_long_side, min_short_side=min_side)
+        with timer("downscale"):
+            working_pixels = resolution.downscale(pixels, scale)
+            rgb = pixels_to_rgb(working_pixels)
 
         # §1–2: gray image, edges and the scale of every edge pixel.
         with timer("edges"):
@@ -186,7 +213,10 @@ class DefocusEstimator:
         sigma_labels = np.asarray(self.model.sigma_labels, dtype=np.float64)
         height, width = gray.shape
         if len(positions) == 0:
-            return self._no_edge_result(rgb, edge_map, positions, sigma_labels, timer, start)
+            result = self._no_edge_result(rgb, edge_map, positions, sigma_labels, timer, start)
+            if scale < 1.0:
+                result = self._to_input_size(result, working_pixels, pixels, scale, timer, start)
+            return result
 
         propagation_setup = self._background.submit(_prepare_propagation, rgb, edge_mask, cfg)
 
@@ -254,7 +284,7 @@ class DefocusEstimator:
         with timer("mask"):
             mask = segmentation.blur_mask(defocus, cfg.mask_alpha)
 
-        return DefocusResult(
+        result = DefocusResult(
             sparse=sparse,
             confidence=confidence,
             jbf=jbf_map,
@@ -268,6 +298,41 @@ class DefocusEstimator:
             timings=timer.timings,
             total_time=time.perf_counter() - start,
         )
+        if scale < 1.0:
+            result = self._to_input_size(result, working_pixels, pixels, scale, timer, start)
+        return result
+
+    def _to_input_size(
+        self,
+        result: DefocusResult,
+        working_pixels: np.ndarray,
+        pixels: np.ndarray,
+        scale: float,
+        timer: _StageTimer,
+        start: float,
+    ) -> DefocusResult:
+        """Bring the final and dense maps of a downscaled photo to the input size.
+
+        Guided upsampling by the full-resolution photo
+        (:func:`dhde.resolution.upsample_sigma_maps`), σ converted to input
+        pixels, and the mask recomputed from the upsampled final map with the
+        same α rule, so that mask and map agree pixel for pixel at the size
+        the user sees. The intermediate maps stay at the working size.
+        """
+        cfg = self.config
+        with timer("upsample"):
+            guide_small = unit_range(working_pixels, np.float64)
+            defocus, dense = resolution.upsample_sigma_maps(
+                [result.defocus, result.dense], guide_small, pixels, cfg.upsample_radius, cfg.upsample_eps
+            )
+            result.defocus = resolution.sigma_in_input_pixels(defocus, scale, out=defocus)
+            result.dense = resolution.sigma_in_input_pixels(dense, scale, out=dense)
+        with timer("mask"):
+            result.mask = segmentation.blur_mask(result.defocus, cfg.mask_alpha)
+        result.working_scale = scale
+        result.timings = timer.timings
+        result.total_time = time.perf_counter() - start
+        return result
 
     def _no_edge_result(self, rgb, edge_map, positions, sigma_labels, timer, start) -> DefocusResult:
         """A flat image has no edges: return a uniform map at the smallest σ.
