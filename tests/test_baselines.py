@@ -22,7 +22,7 @@ from dhde.baselines import (
     sparse_defocus_map,
     zhuo_sim_defocus,
 )
-from dhde.baselines.zhuo_sim import blur_from_gradient_ratio, gaussian_gradient_magnitude
+from dhde.baselines.zhuo_sim import blur_from_gradient_ratio, gaussian_gradient_magnitude, sparse_bilateral_filter
 from dhde.io import array_to_rgb
 
 
@@ -195,6 +195,26 @@ def test_sparse_sigma_on_a_blurred_photo(astronaut):
     assert medians[0] == pytest.approx(1.0, abs=0.4)
     assert medians[1] == pytest.approx(2.0, abs=0.2)
     assert medians[1] > medians[0] + 0.5
+
+
+def test_sparse_bilateral_filter_matches_the_authors_formula():
+    rng = np.random.default_rng(3)
+    sparse = np.where(rng.uniform(size=(12, 14)) < 0.3, rng.uniform(0.2, 3.0, (12, 14)), 0.0)
+    guide = rng.uniform(0, 1, (12, 14, 3))
+    sigma_s, sigma_r, half = 1.0, 0.3, 2  # window ceil(4σ_s) + 1 = 5
+    # Pixel by pixel, with the authors' replicate padding of both images.
+    padded_sparse = np.pad(sparse, half, mode="edge")
+    padded_guide = np.pad(guide, ((half, half), (half, half), (0, 0)), mode="edge")
+    offsets = np.arange(-half, half + 1)
+    spatial = np.exp(-(offsets[:, None] ** 2 + offsets[None, :] ** 2) / (2 * sigma_s**2))
+    expected = np.zeros_like(sparse)
+    for y, x in zip(*np.nonzero(sparse)):
+        values = padded_sparse[y : y + 2 * half + 1, x : x + 2 * half + 1]
+        colours = padded_guide[y : y + 2 * half + 1, x : x + 2 * half + 1]
+        weights = spatial * np.exp(-((colours - guide[y, x]) ** 2) / (2 * sigma_r**2)).sum(axis=2) * np.exp(-values)
+        weights[values <= 1e-4] = 0.0
+        expected[y, x] = (weights * values).sum() / weights.sum()
+    np.testing.assert_allclose(sparse_bilateral_filter(sparse, guide, sigma_s, sigma_r), expected, rtol=1e-12)
 
 
 def test_zhuo_sim_defocus_dense_map_separates_blurred_half(astronaut):
