@@ -177,6 +177,8 @@ def accuracy(args, model: Path) -> None:
                 else:
                     guided = bilinear = result.defocus
                 seconds.setdefault((factor, working), []).append(time.perf_counter() - start)
+                if not (np.isfinite(guided).all() and np.isfinite(result.dense).all()):
+                    print(f"  non-finite map: {path.name} {factor}× working {working}", flush=True)
                 # σ / scale changes neither τ's position nor the mask.
                 scores.setdefault((factor, working, "guided"), []).append(_accuracy(blur_mask(guided), big_truth))
                 scores.setdefault((factor, working, "bilinear"), []).append(_accuracy(blur_mask(bilinear), big_truth))

@@ -194,9 +194,15 @@ def load_pixels(source: ImageSource) -> np.ndarray:
         raise ImageLoadError(f"is a directory, not an image: {path}")
     if path.stat().st_size == 0:
         raise ImageLoadError(f"empty file: {path}")
-    if path.suffix.lower() in _TIFF_SUFFIXES:
-        return _load_tiff(path)
-    return _load_with_pillow(path)
+    try:
+        if path.suffix.lower() in _TIFF_SUFFIXES:
+            return _load_tiff(path)
+        return _load_with_pillow(path)
+    except ImageLoadError as exc:
+        if str(path) in str(exc):
+            raise
+        # An array rule (canonical_pixels) refused the decoded samples: say which file.
+        raise ImageLoadError(f"{exc}: {path}") from exc
 
 
 def load_image(source: ImageSource) -> np.ndarray:
