@@ -333,14 +333,23 @@ def render_colormapped(
     bundled font has no Greek letters).
 
     Drawn with Pillow from matplotlib's colour-map table: a matplotlib figure
-    costs ~1.3 s on a cold start and ~0.25 s per image here, this ~0.05 s.
+    costs ~1.3 s on a cold start and ~0.25 s per image here, this ~0.05 s
+    (~0.7 s for a 24 MP map).
     """
     from PIL import ImageDraw, ImageFont
 
+    import cv2
+
     lut = colormap_lut(cmap)
     h, w = sigma_map.shape
-    finite = np.nan_to_num(sigma_map, nan=vmin)
-    index = np.clip((finite - vmin) / max(vmax - vmin, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # Colour index in float32, in place (a 24 MP map: 0.4 s instead of 1.6 s
+    # for float64 temporaries); NaN maps to vmin, ±inf saturate.
+    index = sigma_map.astype(np.float32)
+    index -= np.float32(vmin)
+    index *= np.float32(255.0 / max(vmax - vmin, 1e-12))
+    index += np.float32(0.5)
+    np.clip(index, 0.0, 255.0, out=index)
+    index = np.nan_to_num(index, copy=False, nan=0.0).astype(np.uint8)
     font_size = int(np.clip(h / 32, 10, 40))
     font = ImageFont.load_default(size=font_size)
     bar_w = max(8, font_size)
@@ -349,7 +358,8 @@ def render_colormapped(
     label_w = font_size + margin // 2
     total_bar = margin + bar_w + margin // 2 + text_w + label_w
     canvas = Image.new("RGB", (w + total_bar, h), (255, 255, 255))
-    canvas.paste(Image.fromarray(lut[index]), (0, 0))
+    # cv2.LUT: 0.1 s for 24 MP, numpy's lut[index] 0.5 s.
+    canvas.paste(Image.fromarray(cv2.LUT(cv2.merge([index] * 3), lut[:, None, :])), (0, 0))
 
     top, bottom = margin, h - margin
     if bottom - top >= 8:

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import cv2
 import numpy as np
+from scipy import sparse
 
 from .io import unit_range
 
@@ -64,7 +65,7 @@ def working_shape(shape: Sequence[int], scale: float) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def area_weights(input_size: int, output_size: int) -> "scipy.sparse.csr_matrix":
+def area_weights(input_size: int, output_size: int) -> sparse.csr_matrix:
     """(output_size, input_size) matrix of area-averaging weights along one axis.
 
     Output pixel i covers the input interval [i·f, (i+1)·f), f = input/output;
@@ -72,8 +73,6 @@ def area_weights(input_size: int, output_size: int) -> "scipy.sparse.csr_matrix"
     by f, so every row sums to 1: the weights of ``cv2.INTER_AREA``, in
     float64.
     """
-    from scipy import sparse
-
     factor = input_size / output_size
     starts = np.arange(output_size) * factor
     ends = starts + factor
