@@ -14,7 +14,7 @@ import tifffile
 from PIL import Image
 from skimage import data as skdata
 
-from dhde.errors import ImageLoadError, ImageTooSmallError
+from dhde.errors import DHDEError, ImageLoadError, ImageTooSmallError
 from dhde.io import load_image, load_pixels, max_image_pixels, to_uint8
 from dhde.pipeline import DefocusEstimator, NoEdgesWarning
 
@@ -233,3 +233,22 @@ def test_estimate_from_a_non_ascii_path(estimator, tmp_path):
         warnings.simplefilter("error")
         result = estimator(path)
     assert result.defocus.shape == (150, 226) and np.isfinite(result.defocus).all()
+
+
+def test_failed_propagation_is_an_error_not_a_nan_map(estimator, monkeypatch):
+    # The multigrid preconditioner broke down on one ill-conditioned working
+    # image (CUHK out_of_focus0007 upscaled 4× and downscaled to 640 px:
+    # a numerically indefinite coarse matrix, NaN everywhere); the pipeline
+    # must report that, not return NaN.
+    from dhde import matting
+
+    original = matting.propagation_solver
+
+    def breaking_solver(*args, **kwargs):
+        solve = original(*args, **kwargs)
+        return lambda values, tol=5e-4: np.full_like(solve(values, tol), np.nan)
+
+    monkeypatch.setattr(matting, "propagation_solver", breaking_solver)
+    with pytest.raises(DHDEError, match="propagation solve failed") as info:
+        estimator(skdata.chelsea()[::2, ::2])
+    assert "\n" not in str(info.value)

@@ -31,7 +31,7 @@ import numpy as np
 
 from . import edges, features, jbf, matting, patches, resolution, rgf, segmentation, wmf
 from .config import DHDEConfig
-from .errors import ImageTooSmallError, NoModelError
+from .errors import DHDEError, ImageTooSmallError, NoModelError
 from .io import ImageSource, load_pixels, pixels_to_rgb, to_uint8, unit_range
 from .model import DefocusModel
 
@@ -270,6 +270,13 @@ class DefocusEstimator:
         # §10: propagation with the matting Laplacian.
         with timer("solve"):
             dense = solve(jbf_map, tol=cfg.solver_tol)
+        if not np.isfinite(dense).all():
+            # A clear error rather than a NaN map: the multigrid preconditioner
+            # can break down on numerically singular systems.
+            raise DHDEError(
+                f"propagation solve failed on this {width}×{height} working image (non-finite values); "
+                f"DHDEConfig(solver='direct') solves it exactly but slowly"
+            )
 
         # §11: joint weighted median filter.
         with timer("wmf"):
