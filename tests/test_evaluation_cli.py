@@ -21,14 +21,14 @@ HAVE_BASELINES = importlib.util.find_spec("dhde.baselines") is not None
 
 @pytest.fixture(scope="module")
 def small_cuhk(shared_dir, tmp_path_factory):
-    """Three cuhk_dev images at half size (fast), plus a broken image with a mask."""
+    """Three cuhk_dev images at a third of their size (fast), plus a broken image with a mask."""
     source = shared_dir / "data" / "cuhk_dev"
     root = tmp_path_factory.mktemp("cuhk_small")
     (root / "images").mkdir()
     (root / "gt").mkdir()
     for stem in STEMS:
         with Image.open(source / "images" / f"{stem}.jpg") as image:
-            size = (image.width // 2, image.height // 2)
+            size = (image.width // 3, image.height // 3)
             image.resize(size, Image.Resampling.BILINEAR).save(root / "images" / f"{stem}.jpg", quality=95)
         with Image.open(source / "gt" / f"{stem}.png") as mask:
             mask.convert("L").resize(size, Image.Resampling.NEAREST).save(root / "gt" / f"{stem}.png")

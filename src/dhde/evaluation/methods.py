@@ -149,6 +149,23 @@ def parse_methods(names: list[str], model: Optional[Path] = None) -> list[Method
     return methods
 
 
+#: Optional packages a method needs: method base name → (module, install hint).
+OPTIONAL_PACKAGES = {"hifst": ("blur_detector", "pip install --no-deps blur-detector==0.0.6")}
+
+
+def check_available(methods: list[MethodSpec]) -> None:
+    """Fail fast, before any image, when a method's optional package or module is missing."""
+    import importlib.util
+
+    for method in methods:
+        if method.engine.kind in BASELINES and importlib.util.find_spec("dhde.baselines") is None:
+            raise MethodError(f"method {method.name!r} needs the module dhde.baselines, which is not available")
+        module, hint = OPTIONAL_PACKAGES.get(method.engine.kind, (None, None))
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise MethodError(f"method {method.name!r} needs the optional package {module}: {hint} "
+                              "(--no-deps keeps pip from installing opencv-python over dhde's OpenCV)")
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -41,7 +41,7 @@ from .. import __version__
 from ..io import _atomic_write, load_image, save_float_tiff
 from . import metrics
 from .datasets import Dataset, Sample, load_mask, load_sigma
-from .methods import MethodError, MethodSpec, build_engine, method_record
+from .methods import MethodError, MethodSpec, build_engine, check_available, method_record
 from .scoring import SIGMA_RANGE, ImageScores, Summary, score_image, summarise
 
 CSV_COLUMNS = (
@@ -258,6 +258,7 @@ def run(
     """
     from tqdm import tqdm
 
+    check_available(list(methods))
     prepare_method_folders(out_dir, methods)
     task = partial(process_image, methods=list(methods), out_dir=Path(out_dir), alpha=alpha)
     samples = dataset.samples
