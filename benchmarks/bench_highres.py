@@ -10,9 +10,11 @@ stitching four of scikit-image's bundled photos (two with a defocused
 background) and runs ``dhde estimate photo.jpg --working-size N`` per working
 size, in a fresh interpreter each time: imports, model load, decoding, the
 estimate and writing the three output files (float32 TIFF, colour-mapped
-PNG, mask PNG). Printed: the wall time of the whole child process, its stage
-times (``--timings``; "write" = the output files) and its peak resident
-memory (VmHWM from /proc: the whole process, every thread).
+PNG, mask PNG). Printed: the wall time of the whole child process, its CPU
+time (user + system, all threads: on a busy machine a better guide than the
+wall time, which is at least CPU time / cores), its stage times
+(``--timings``; "write" = the output files) and its peak resident memory
+(VmHWM from /proc: the whole process, every thread).
 
 ``accuracy`` measures what the working resolution does to the blur mask:
 CUHK images (~640 px) are upscaled 2× and 4× (bicubic; ground truth by
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -94,6 +97,7 @@ main()
 def run_cli(image: Path, model: Path, working: int) -> dict:
     """Wall time, peak RSS (MB) and stage times of one `dhde estimate` run."""
     size = ["--working-size", str(working)] if working else ["--full-resolution"]
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         done = subprocess.run(
@@ -104,11 +108,13 @@ def run_cli(image: Path, model: Path, working: int) -> dict:
             text=True,
         )
         wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     peak_kb = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("MAXRSS_KB")]
     # `--timings` prints one line "  stage 0.123s, stage 0.456s, ..." per image.
     stage_line = next(line for line in done.stdout.splitlines() if line.startswith("  ") and "s, " in line)
     stages = dict(item.strip().rsplit(" ", 1) for item in stage_line.split(","))
-    return {"wall": wall, "peak_mb": float(peak_kb[-1]) / 1024.0,
+    return {"wall": wall, "cpu": cpu, "peak_mb": float(peak_kb[-1]) / 1024.0,
             "timings": {k: float(v.rstrip("s")) for k, v in stages.items()}}
 
 
@@ -123,7 +129,8 @@ def speed(args, model: Path) -> None:
             stages = ", ".join(f"{k} {v:.2f}" for k, v in best["timings"].items())
             print(
                 f"\nworking long side {working or 'full'}: process wall median {statistics.median(r['wall'] for r in runs):.2f} s "
-                f"(min {best['wall']:.2f} s), peak RSS max {max(r['peak_mb'] for r in runs):.0f} MB"
+                f"(min {best['wall']:.2f} s; CPU time user+system {best['cpu']:.1f} s), "
+                f"peak RSS max {max(r['peak_mb'] for r in runs):.0f} MB"
             )
             print(f"  stages of the fastest run (s): {stages}")
 
@@ -138,6 +145,7 @@ def accuracy(args, model: Path) -> None:
 
     from dhde import resolution
     from dhde.config import DHDEConfig
+    from dhde.errors import DHDEError
     from dhde.io import load_pixels, unit_range
     from dhde.pipeline import DefocusEstimator
     from dhde.segmentation import blur_mask
@@ -148,57 +156,70 @@ def accuracy(args, model: Path) -> None:
     images = sorted((args.dataset / "images").glob("*.jpg"))
     if args.limit:
         images = images[: args.limit]
-    # scores[(factor, working, variant)] = accuracies per image
-    scores: dict[tuple, list[float]] = {}
+    # scores[(factor, working, variant)] = accuracy per image (None = the
+    # pipeline failed on it); factor 1 = the native image.
+    scores: dict[tuple, list] = {}
     seconds: dict[tuple, list[float]] = {}
     checked = False
     for index, path in enumerate(images):
         truth = np.asarray(Image.open(args.dataset / "gt" / f"{path.stem}.png").convert("L")) > 127
         pixels = load_pixels(path)
-        start = time.perf_counter()
-        native = estimator(pixels)
-        seconds.setdefault((1, 0), []).append(time.perf_counter() - start)
-        scores.setdefault((1, 0, "native"), []).append(_accuracy(native.mask, truth))
+        runs = [(1, 0, pixels, truth)]
         for factor in args.upscale:
             size = (pixels.shape[1] * factor, pixels.shape[0] * factor)
             big = cv2.resize(pixels, size, interpolation=cv2.INTER_CUBIC)
             big_truth = cv2.resize(truth.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
-            for working in args.working_size:
-                scale = resolution.working_scale(big.shape, working or None, 2 * max(cfg.patch_radius) + 1)
-                small = resolution.downscale(big, scale)
-                start = time.perf_counter()
+            runs += [(factor, working, big, big_truth) for working in args.working_size]
+        line = []
+        for factor, working, image, image_truth in runs:
+            scale = resolution.working_scale(image.shape, working or None, 2 * max(cfg.patch_radius) + 1)
+            small = resolution.downscale(image, scale)
+            start = time.perf_counter()
+            try:
                 result = estimator(small)
-                if scale < 1.0:
-                    guided = resolution.upsample_sigma_maps(
-                        [result.defocus], unit_range(small), big, cfg.upsample_radius, cfg.upsample_eps
-                    )[0]
-                    bilinear = cv2.resize(result.defocus, size, interpolation=cv2.INTER_LINEAR)
-                else:
-                    guided = bilinear = result.defocus
-                seconds.setdefault((factor, working), []).append(time.perf_counter() - start)
-                if not (np.isfinite(guided).all() and np.isfinite(result.dense).all()):
-                    print(f"  non-finite map: {path.name} {factor}× working {working}", flush=True)
-                # σ / scale changes neither τ's position nor the mask.
-                scores.setdefault((factor, working, "guided"), []).append(_accuracy(blur_mask(guided), big_truth))
-                scores.setdefault((factor, working, "bilinear"), []).append(_accuracy(blur_mask(bilinear), big_truth))
-                if not checked and scale < 1.0:
-                    config = dataclasses.replace(cfg, working_long_side=working)
-                    direct = DefocusEstimator(estimator.model, config)(big)
-                    np.testing.assert_allclose(direct.defocus, guided / scale, rtol=1e-12, atol=1e-12)
-                    checked = True
-        print(f"[{index + 1}/{len(images)}] {path.name}: native {scores[(1, 0, 'native')][-1]:.3f}", flush=True)
+            except DHDEError as exc:
+                print(f"  {path.name} {factor}× working {working or 'full'}: {exc}", flush=True)
+                for variant in ("guided", "bilinear"):
+                    scores.setdefault((factor, working, variant), []).append(None)
+                line.append(f"{factor}×/{working or 'full'} failed")
+                continue
+            if scale < 1.0:
+                guided = resolution.upsample_sigma_maps(
+                    [result.defocus], unit_range(small), image, cfg.upsample_radius, cfg.upsample_eps
+                )[0]
+                bilinear = cv2.resize(result.defocus, image.shape[1::-1], interpolation=cv2.INTER_LINEAR)
+            else:
+                guided = bilinear = result.defocus
+            seconds.setdefault((factor, working), []).append(time.perf_counter() - start)
+            # σ / scale moves τ with the map: the mask is the same.
+            for variant, sigma_map in (("guided", guided), ("bilinear", bilinear)):
+                scores.setdefault((factor, working, variant), []).append(_accuracy(blur_mask(sigma_map), image_truth))
+            line.append(f"{factor}×/{working or 'full'} {scores[(factor, working, 'guided')][-1]:.3f}")
+            if not checked and scale < 1.0:
+                config = dataclasses.replace(cfg, working_long_side=working)
+                direct = DefocusEstimator(estimator.model, config)(image)
+                np.testing.assert_allclose(direct.defocus, guided / scale, rtol=1e-12, atol=1e-12)
+                checked = True
+        print(f"[{index + 1}/{len(images)}] {path.name}: " + ", ".join(line), flush=True)
 
-    native_mean = np.mean(scores[(1, 0, "native")])
+    def mean(values: list) -> tuple[float, int]:
+        done = [v for v in values if v is not None]
+        return float(np.mean(done)), len(values) - len(done)
+
+    native_mean, _ = mean(scores[(1, 0, "guided")])
     print(f"\n{len(images)} CUHK images, α = 0.3 accuracy (mean over images); working size 0 = full resolution")
     print(f"native (~640 px): {native_mean:.4f}, median {statistics.median(seconds[(1, 0)]):.2f} s/image")
-    print("| input | working long side | guided (pipeline) | Δ vs native | bilinear | median s/image |")
-    print("|---|---|---|---|---|---|")
+    print("| input | working long side | guided (pipeline) | Δ vs native, same images | bilinear | failed | median s/image |")
+    print("|---|---|---|---|---|---|---|")
     for factor in args.upscale:
         for working in args.working_size:
-            guided = np.mean(scores[(factor, working, "guided")])
-            bilinear = np.mean(scores[(factor, working, "bilinear")])
+            guided, failed = mean(scores[(factor, working, "guided")])
+            bilinear, _ = mean(scores[(factor, working, "bilinear")])
+            paired = [(a, b) for a, b in zip(scores[(factor, working, "guided")], scores[(1, 0, "guided")])
+                      if a is not None and b is not None]
+            delta = float(np.mean([a - b for a, b in paired]))
             print(
-                f"| {factor}× | {working or 'full'} | {guided:.4f} | {guided - native_mean:+.4f} | {bilinear:.4f} | "
+                f"| {factor}× | {working or 'full'} | {guided:.4f} | {delta:+.4f} | {bilinear:.4f} | {failed} | "
                 f"{statistics.median(seconds[(factor, working)]):.2f} |"
             )
 

@@ -221,7 +221,7 @@ def test_flat_large_image_gives_uniform_map_at_input_size(estimator):
     flat = np.full((1300, 700, 3), 0.37, dtype=np.float32)
     with pytest.warns(NoEdgesWarning):
         result = estimator(flat)
-    assert result.working_scale == pytest.approx(1024 / 1300)
+    assert result.working_scale == pytest.approx(estimator.config.working_long_side / 1300)
     assert result.defocus.shape == (1300, 700) and not result.mask.any()
     assert np.all(result.defocus == min(estimator.model.sigma_labels) / result.working_scale)
 
@@ -236,10 +236,11 @@ def test_estimate_from_a_non_ascii_path(estimator, tmp_path):
 
 
 def test_failed_propagation_is_an_error_not_a_nan_map(estimator, monkeypatch):
-    # The multigrid preconditioner broke down on one ill-conditioned working
-    # image (CUHK out_of_focus0007 upscaled 4× and downscaled to 640 px:
-    # a numerically indefinite coarse matrix, NaN everywhere); the pipeline
-    # must report that, not return NaN.
+    # The multigrid preconditioner once broke down on ill-conditioned working
+    # images (CUHK out_of_focus0007 and 0067 upscaled 4× and downscaled to
+    # 640 px: an indefinite coarse matrix, NaN everywhere; matting now
+    # guards against that itself). Whatever breaks a solve, the pipeline
+    # must report it, not return NaN.
     from dhde import matting
 
     original = matting.propagation_solver

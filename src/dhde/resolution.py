@@ -2,8 +2,8 @@
 
 DHDE's σ labels (0.5–2.0 px) and its patch sizes (15 and 27 px) fit photos
 of about 640 px, the size of its training and test images. In a 24 MP photo
-the same defocus spans several times more pixels, and every stage would be
-~60× slower. The pipeline therefore runs at a *working resolution*:
+the same defocus spans 5–10× more pixels, and every stage would be run on
+~70× more pixels. The pipeline therefore runs at a *working resolution*:
 
 1. :func:`working_scale` picks the factor s ≤ 1 that brings the long side to
    ``DHDEConfig.working_long_side`` (never upscaling), and
@@ -70,8 +70,7 @@ def area_weights(input_size: int, output_size: int) -> sparse.csr_matrix:
 
     Output pixel i covers the input interval [i·f, (i+1)·f), f = input/output;
     input pixel j gets the length of its overlap with that interval, divided
-    by f, so every row sums to 1: the weights of ``cv2.INTER_AREA``, in
-    float64.
+    by f (every row sums to 1): the weights of ``cv2.INTER_AREA``, in float64.
     """
     factor = input_size / output_size
     starts = np.arange(output_size) * factor
