@@ -20,13 +20,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
+
+from .dataset import _atomic_write_json
 
 @dataclass(frozen=True)
 class Variant:
@@ -62,18 +63,6 @@ PAPER_STATEMENTS = {
 }
 
 RESULTS_FILE = "results.json"
-
-
-def _atomic_write_json(path: Path, content: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".json.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(content, handle, indent=1)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run_ablation(
