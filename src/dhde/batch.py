@@ -438,8 +438,11 @@ def process_job(job: Job, estimator: Any, overwrite: bool = False) -> dict:
                           working_scale=float(getattr(result, "working_scale", 1.0)),
                           timings={k: round(v, 4) for k, v in result.timings.items()})
             write_start = time.perf_counter()
+            # The label range in σ of the input: at a working scale s < 1 the
+            # map is in input pixels, σ / s.
+            scale = float(getattr(result, "working_scale", 1.0))
             sigma = estimator.model.sigma_labels
-            write_outputs(result, job.outputs, min(sigma), max(sigma), overwrite=overwrite)
+            write_outputs(result, job.outputs, min(sigma) / scale, max(sigma) / scale, overwrite=overwrite)
             record["timings"]["write"] = round(time.perf_counter() - write_start, 4)
             record["status"] = "ok"
         except Exception as exc:  # one bad image must not stop the batch
