@@ -49,8 +49,12 @@ def _cell(value) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def table(summary: dict, title: str) -> str:
-    """One markdown table (with title line and command) from a summary.json dict."""
+def table(summary: dict, title: str, seconds: bool = False) -> str:
+    """One markdown table (with title line and command) from a summary.json dict.
+
+    ``seconds`` adds the median compute seconds per image (meaningful only
+    when the run had the machine to itself).
+    """
     methods = [m for m in summary["methods"] if m.get("metrics")]
     sigma = [(k, t) for k, t in SIGMA_COLUMNS if any(k in m["metrics"] for m in methods)]
     if summary["dataset"]["has_sigma"]:
@@ -63,13 +67,15 @@ def table(summary: dict, title: str) -> str:
     lines = [
         f"**{title}** ({images} images)",
         "",
-        "| method | " + " | ".join(t for _, t in columns) + " | s / image |",
-        "|---|" + "---|" * (len(columns) + 1),
+        "| method | " + " | ".join(t for _, t in columns) + (" | s / image |" if seconds else " |"),
+        "|---|" + "---|" * (len(columns) + seconds),
     ]
     for method in methods:
         cells = [_cell(method["metrics"].get(key)) for key, _ in columns]
-        seconds = method.get("median_seconds")
-        lines.append(f"| {method['label']} | " + " | ".join(cells) + f" | {'–' if seconds is None else f'{seconds:.2f}'} |")
+        if seconds:
+            median = method.get("median_seconds")
+            cells.append("–" if median is None else f"{median:.2f}")
+        lines.append(f"| {method['label']} | " + " | ".join(cells) + " |")
     failures = summary.get("failures", [])
     lines.append("")
     if summary.get("command"):
@@ -93,13 +99,14 @@ def main() -> None:
     parser.add_argument("--title", action="append", default=[],
                         help="table title per run, in order (default: the dataset folder's name)")
     parser.add_argument("--readme", type=Path, help="rewrite this file between the marker lines")
+    parser.add_argument("--seconds", action="store_true", help="add the median seconds per image")
     args = parser.parse_args()
 
     tables = []
     for index, run in enumerate(args.runs):
         summary = json.loads((run / "summary.json").read_text())
         title = args.title[index] if index < len(args.title) else Path(summary["dataset"]["root"]).name
-        tables.append(table(summary, title))
+        tables.append(table(summary, title, args.seconds))
     body = "\n\n".join(tables)
     if args.readme is None:
         print(body)

@@ -43,15 +43,17 @@ RELATIVE_UNITS = "relative"
 DHDE_VARIANTS = {"dhde": "final", "dhde-dense": "dense", "dhde-sparse": "sparse"}
 _DHDE_LABELS = {"final": "dhde", "dense": "dhde dense, before WMF", "sparse": "dhde sparse, edge pixels"}
 
-#: Baselines: name → (function in dhde.baselines, input kind, units, description).
+#: Baselines: name → (function in dhde.baselines, input kind, units, label, description).
 #: The gray-image peers get the file path: they then read it as the reference
 #: benchmark did (``cv2.imread(path, 0)``, libjpeg's own Y plane for JPEGs),
 #: not a gray image recomputed from the decoded RGB.
 BASELINES = {
-    "zhuo-sim": ("zhuo_sim_defocus", "rgb", SIGMA_UNITS, "Zhuo & Sim 2011 defocus map (σ, px) from edge re-blurring"),
-    "laplacian-variance": ("laplacian_variance_blur", "path", RELATIVE_UNITS,
-                           "local Laplacian variance (15x15), inverted"),
-    "hifst": ("hifst_blur", "path", RELATIVE_UNITS, "HiFST, Golestaneh & Karam 2017 (PyPI blur-detector), inverted"),
+    "zhuo-sim": ("zhuo_sim_defocus", "rgb", SIGMA_UNITS, "Zhuo & Sim 2011",
+                 "Zhuo & Sim 2011 defocus map (σ, px) from edge re-blurring"),
+    "laplacian-variance": ("laplacian_variance_blur", "path", RELATIVE_UNITS, "Laplacian variance 15×15, inverted",
+                           "local variance of the Laplacian over 15x15 windows, inverted"),
+    "hifst": ("hifst_blur", "path", RELATIVE_UNITS, "HiFST (blur-detector), inverted",
+              "HiFST, Golestaneh & Karam 2017 (PyPI blur-detector 0.0.6), inverted"),
 }
 
 #: One engine call: (image path, loader of the float64 RGB image) → maps by output name.
@@ -128,8 +130,8 @@ def parse_method(name: str, model: Optional[Path] = None) -> MethodSpec:
     if base in BASELINES:
         if path_text:
             raise MethodError(f"method {base!r} takes no model file (got {name!r})")
-        _, _, units, description = BASELINES[base]
-        return MethodSpec(name, base, base, EngineSpec(base), "map", units, description)
+        _, _, units, label, description = BASELINES[base]
+        return MethodSpec(name, base, label, EngineSpec(base), "map", units, description)
     known = ", ".join([*(f"{v}[:MODEL]" for v in DHDE_VARIANTS), *BASELINES])
     raise MethodError(f"unknown method {name!r}; known: {known}")
 
@@ -245,7 +247,7 @@ class BaselineEngine:
     """A function of :mod:`dhde.baselines`, imported on first use."""
 
     def __init__(self, kind: str):
-        function_name, self.input_kind, _, _ = BASELINES[kind]
+        function_name, self.input_kind = BASELINES[kind][:2]
         try:
             from .. import baselines
         except ImportError as exc:
