@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 from skimage import data as skdata
 
+import dhde.io
 from dhde import batch
 from dhde.batch import (
     discover_inputs,
@@ -298,15 +299,30 @@ def test_failed_write_leaves_an_incomplete_image_that_resume_finishes(photos, tm
     assert read_manifest(tmp_path / "out/manifest.jsonl") == {str(photos / "a/x.jpg"): record}
 
 
-def test_working_size_in_manifest(photos, tmp_path):
+def test_working_size_in_manifest(photos, tmp_path, monkeypatch):
+    ranges = []
+    real_png = dhde.io.save_colormapped_png
+
+    def recording_png(path, sigma_map, vmin, vmax):
+        ranges.append((vmin, vmax))
+        return real_png(path, sigma_map, vmin, vmax)
+
+    monkeypatch.setattr(dhde.io, "save_colormapped_png", recording_png)
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["estimate", str(photos / "a/x.jpg"), "--out", str(out), "--quiet",
                                        "--working-size", "96"])
     assert result.exit_code == 0, result.output
     [record] = read_manifest(out / "manifest.jsonl").values()
     assert (record["width"], record["height"]) == (160, 120)
-    assert record["working_scale"] == pytest.approx(96 / 160, rel=0.02)
-    assert tifffile.imread(out / "x_defocus.tif").shape == (120, 160)
+    scale = record["working_scale"]
+    assert scale == pytest.approx(96 / 160, rel=0.02)
+    defocus = tifffile.imread(out / "x_defocus.tif")
+    assert defocus.shape == (120, 160)
+    # σ is in input pixels: the label range 0.5–2.0 at the working size is
+    # 0.5/s–2.0/s here, and the colour map spans exactly that (not 0.5–2.0,
+    # which would saturate every pixel above 2.0).
+    assert ranges == [(pytest.approx(0.5 / scale), pytest.approx(2.0 / scale))]
+    assert defocus.min() >= 0.5 / scale - 0.05
 
 
 def test_worker_processes_match_the_serial_run(serial_out, photos, tmp_path):
