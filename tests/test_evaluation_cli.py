@@ -102,6 +102,24 @@ def test_evaluate_baseline_in_worker_processes(small_cuhk, tmp_path):
     assert not (out / "plots").exists()
 
 
+def test_worker_pools_are_recycled(small_cuhk, tmp_path, monkeypatch):
+    """Fresh worker processes every 2 × 1 images: all images scored once, as in one process."""
+    from dhde.evaluation import runner
+
+    monkeypatch.setattr(runner, "WORKER_RECYCLE_IMAGES", 1)
+    outputs = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        result = CliRunner().invoke(main, ["evaluate", str(small_cuhk), "-M", "laplacian-variance", "--out", str(out),
+                                           "--workers", workers, "--no-progress", "--no-plots"])
+        assert result.exit_code == 1, result.output  # the broken image
+        outputs[workers] = {row["stem"]: row for row in _rows(out / "per_image.csv")}
+    assert sorted(outputs["2"]) == sorted(outputs["1"]) and len(outputs["2"]) >= 3
+    for image, row in outputs["1"].items():
+        assert {k: v for k, v in outputs["2"][image].items() if "second" not in k} == \
+            {k: v for k, v in row.items() if "second" not in k}
+
+
 def test_make_synthetic_then_evaluate_sigma_metrics(tmp_path):
     from skimage import data as skdata
 

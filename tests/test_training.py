@@ -413,3 +413,42 @@ def test_cosine_schedule_decays_to_the_floor():
     assert _make_scheduler("constant", opt, 10) is None
     with pytest.raises(ValueError, match="schedule"):
         _make_scheduler("step", opt, 10)
+
+
+def test_degraded_dataset_adds_noise_and_jpeg_to_blurred_patches(built, sharp_dir, tmp_path):
+    out, _ = built
+    degraded_dir = tmp_path / "degraded"
+    build = dict(seed=0, max_positions_per_image=MAX_POSITIONS, split=SPLIT, images=SET5[:2], progress=False,
+                 degradation=dataset.Degradation())
+    dataset.build_dataset(sharp_dir, degraded_dir, **build)
+    clean = np.load(out / "shards" / dataset.shard_name(SET5[1]))
+    degraded = np.load(degraded_dir / "shards" / dataset.shard_name(SET5[1]))
+    # Same positions and labels: only the image content changes.
+    np.testing.assert_array_equal(degraded["position"], clean["position"])
+    np.testing.assert_array_equal(degraded["label"], clean["label"])
+    settings = json.loads(str(degraded["settings"]))
+    assert settings["degradation"] == {"noise_max": 3.0, "jpeg_quality": [60, 95], "jpeg_fraction": 0.8,
+                                       "clean_fraction": 0.2}
+    # Per label (one image each), the patches are either untouched (the clean
+    # draws) or carry added fine texture: the strongest blur, σ = 2, leaves a
+    # clean patch smooth, so its Laplacian energy grows when noise or JPEG
+    # blocks are added.
+    def laplacian_energy(patches):
+        p = patches.astype(float).mean(axis=-1)
+        return np.mean((4 * p[:, 1:-1, 1:-1] - p[:, :-2, 1:-1] - p[:, 2:, 1:-1] - p[:, 1:-1, :-2] - p[:, 1:-1, 2:]) ** 2)
+
+    changed = 0
+    for label in range(11):
+        pick = clean["label"] == label
+        same = np.array_equal(degraded["patch"][pick], clean["patch"][pick])
+        if not same:
+            changed += 1
+            if label == 10:
+                assert laplacian_energy(degraded["patch"][pick]) > 1.5 * laplacian_energy(clean["patch"][pick])
+        else:
+            np.testing.assert_array_equal(degraded["dct"][pick], clean["dct"][pick])
+    assert 5 <= changed <= 11  # ~80 % of the label images are degraded
+    # Deterministic: a second build gives the same bytes.
+    again = tmp_path / "again"
+    dataset.build_dataset(sharp_dir, again, **build)
+    np.testing.assert_array_equal(np.load(again / "shards" / dataset.shard_name(SET5[1]))["patch"], degraded["patch"])

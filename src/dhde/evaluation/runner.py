@@ -25,7 +25,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -220,16 +219,30 @@ def _run_serial(task: Callable[[Sample], ImageOutcome], samples: Sequence[Sample
 #: cuhk_dev: 0.4 → 1.7 GB over 25 images; mostly glibc keeping the heap of
 #: the pipeline's large temporary arrays), which over the 704 CUHK images
 #: would exhaust a small machine; a restart (models reloaded, ~2 s) bounds it.
+#: The pool is replaced every ``workers × WORKER_RECYCLE_IMAGES`` images
+#: rather than through ``max_tasks_per_child``, which hangs once the first
+#: workers retire while many tasks are queued (CPython 3.11, gh-115634).
 WORKER_RECYCLE_IMAGES = 40
 
 
 def _run_pool(task: Callable[[Sample], ImageOutcome], samples: Sequence[Sample], workers: int) -> Iterable[ImageOutcome]:
+    round_size = workers * WORKER_RECYCLE_IMAGES
+    for start in range(0, len(samples), round_size):
+        died = yield from _run_pool_round(task, samples[start : start + round_size], workers)
+        if died is not None:
+            # The images of later rounds are reported with the same error; a
+            # rerun resumes from the cache.
+            for sample in samples[start + round_size :]:
+                yield ImageOutcome(sample.stem, errors={"*": died})
+            return
+
+
+def _run_pool_round(task: Callable[[Sample], ImageOutcome], samples: Sequence[Sample], workers: int):
+    """One pool of fresh workers over ``samples``; returns an error message if a worker died."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     # spawn: workers start clean, without the parent's threads or onnxruntime state.
-    options = {"mp_context": get_context("spawn"), "initializer": _init_worker, "initargs": (threads,)}
-    if sys.version_info >= (3, 11):  # max_tasks_per_child is new in 3.11
-        options["max_tasks_per_child"] = WORKER_RECYCLE_IMAGES
-    with ProcessPoolExecutor(workers, **options) as pool:
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads,)) as pool:
         pending = {pool.submit(task, sample): sample for sample in samples}
         try:
             while pending:
@@ -245,10 +258,12 @@ def _run_pool(task: Callable[[Sample], ImageOutcome], samples: Sequence[Sample],
                         yield ImageOutcome(sample.stem, errors={"*": message})
                         for other in pending.values():
                             yield ImageOutcome(other.stem, errors={"*": message})
-                        return
+                        pending.clear()
+                        return message
         finally:
             for future in pending:
                 future.cancel()
+    return None
 
 
 def run(
