@@ -427,8 +427,9 @@ def test_degraded_dataset_adds_noise_and_jpeg_to_blurred_patches(built, sharp_di
     np.testing.assert_array_equal(degraded["position"], clean["position"])
     np.testing.assert_array_equal(degraded["label"], clean["label"])
     settings = json.loads(str(degraded["settings"]))
-    assert settings["degradation"] == {"noise_max": 3.0, "jpeg_quality": [60, 95], "jpeg_fraction": 0.8,
-                                       "clean_fraction": 0.2}
+    recorded = dataset.Degradation(**{**settings["degradation"],
+                                      "jpeg_quality": tuple(settings["degradation"]["jpeg_quality"])})
+    assert recorded == dataset.Degradation()
     # Per label (one image each), the patches are either untouched (the clean
     # draws) or carry added fine texture: the strongest blur, σ = 2, leaves a
     # clean patch smooth, so its Laplacian energy grows when noise or JPEG
@@ -444,10 +445,11 @@ def test_degraded_dataset_adds_noise_and_jpeg_to_blurred_patches(built, sharp_di
         if not same:
             changed += 1
             if label == 10:
-                assert laplacian_energy(degraded["patch"][pick]) > 1.5 * laplacian_energy(clean["patch"][pick])
+                assert laplacian_energy(degraded["patch"][pick]) > 1.2 * laplacian_energy(clean["patch"][pick])
         else:
             np.testing.assert_array_equal(degraded["dct"][pick], clean["dct"][pick])
-    assert 5 <= changed <= 11  # ~80 % of the label images are degraded
+    # Each label image is degraded with probability 1 − clean_fraction.
+    assert 3 <= changed <= 11
     # Deterministic: a second build gives the same bytes.
     again = tmp_path / "again"
     dataset.build_dataset(sharp_dir, again, **build)

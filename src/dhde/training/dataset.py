@@ -81,6 +81,11 @@ class Degradation:
     probability ``jpeg_fraction``, a JPEG round trip at a quality drawn
     uniformly in ``jpeg_quality``. Draws come from the image's own random
     generator, so datasets stay deterministic.
+
+    The defaults made the shipped model. A milder mix (noise ≤ 1.5 levels,
+    quality 70–95 on 70 %, 40 % clean) scored 91.0 % within one class on
+    clean synthetic test patches (these defaults: 89.5 %) but 0.734 instead
+    of 0.762 α-rule accuracy on the CUHK dev split.
     """
 
     noise_max: float = 3.0
