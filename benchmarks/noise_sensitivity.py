@@ -24,14 +24,13 @@ import os
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from dhde import edges, features, patches
 from dhde.config import DHDEConfig
 from dhde.io import load_image, to_uint8
 from dhde.model import DefocusModel
-from dhde.training.dataset import balanced_positions, blur_padded
+from dhde.training.dataset import add_noise, balanced_positions, blur_padded, jpeg_round_trip
 
 SHARED = Path(os.environ.get("DHDE_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared"))
 SIGMAS = (1.1, 2.0, 3.0)
@@ -40,13 +39,10 @@ CONDITIONS = ((0, 0), (1, 0), (2, 0), (0, 90), (0, 75), (2, 75))
 
 
 def degrade(image: np.ndarray, noise: float, quality: int, rng: np.random.Generator) -> np.ndarray:
-    """Noise then JPEG, as a camera does; float64 [0, 1] in and out."""
+    """Noise then JPEG, as a camera does (the training degradation's steps, at fixed strengths)."""
     if noise:
-        image = np.clip(image + rng.normal(0.0, noise / 255.0, image.shape), 0.0, 1.0)
-    if quality:
-        ok, encoded = cv2.imencode(".jpg", to_uint8(image)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
-        image = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float64) / 255.0
-    return image
+        image = add_noise(image, noise, rng)
+    return jpeg_round_trip(image, quality) if quality else image
 
 
 def main() -> None:

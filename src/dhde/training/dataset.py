@@ -97,18 +97,27 @@ class Degradation:
         """Degraded copy of a float64 (H, W, 3) image in [0, 1] (float64, [0, 1])."""
         if rng.random() < self.clean_fraction:
             return rgb
-        noise_std = rng.uniform(0.0, self.noise_max) / 255.0
-        noisy = np.clip(rgb + rng.normal(0.0, noise_std, rgb.shape), 0.0, 1.0)
+        noisy = add_noise(rgb, rng.uniform(0.0, self.noise_max), rng)
         if rng.random() >= self.jpeg_fraction:
             return noisy
-        quality = int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1))
-        # OpenCV's libjpeg with 4:2:0 chroma subsampling, as most cameras and
-        # web photos; channels reversed because OpenCV codes BGR.
-        ok, encoded = cv2.imencode(".jpg", to_uint8(noisy)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
-        if not ok:  # pragma: no cover - OpenCV always encodes uint8 BGR
-            raise RuntimeError("JPEG encoding failed")
-        decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1]
-        return decoded.astype(np.float64) / 255.0
+        return jpeg_round_trip(noisy, int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1)))
+
+
+def add_noise(rgb: np.ndarray, levels: float, rng: np.random.Generator) -> np.ndarray:
+    """``rgb`` (float64 [0, 1]) plus Gaussian noise of ``levels`` grey levels (of 255), clipped to [0, 1]."""
+    return np.clip(rgb + rng.normal(0.0, levels / 255.0, rgb.shape), 0.0, 1.0)
+
+
+def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """``rgb`` (float64 [0, 1]) encoded as a JPEG of ``quality`` and decoded again (float64 [0, 1]).
+
+    OpenCV's libjpeg with 4:2:0 chroma subsampling, as most cameras and web
+    photos; channels reversed because OpenCV codes BGR.
+    """
+    ok, encoded = cv2.imencode(".jpg", to_uint8(rgb)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:  # pragma: no cover - OpenCV always encodes uint8 BGR
+        raise RuntimeError("JPEG encoding failed")
+    return cv2.imdecode(encoded, cv2.IMREAD_COLOR)[..., ::-1].astype(np.float64) / 255.0
 
 
 def empty_samples() -> dict[str, np.ndarray]:
