@@ -108,3 +108,19 @@ def test_default_model_ships_and_runs(runner, tmp_path):
     # The cat's face is sharper than the blurred background at the right edge.
     assert defocus[120:200, 150:250].mean() + 0.1 < defocus[:, 400:].mean()
     assert not mask[140:180, 180:220].any() and mask[:, 420:].mean() > 0.8
+
+
+def test_alpha_option_sets_the_mask_threshold(runner, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(main, ["estimate", "--out", str(out), "--alpha", "0.15"])
+    assert result.exit_code == 0, result.output
+    defocus = tifffile.imread(out / "chelsea_defocus.tif").astype(np.float64)
+    mask = np.asarray(Image.open(out / "chelsea_mask.png")) == 255
+    low, high = defocus.min(), defocus.max()
+    # The written mask is the α rule at 0.15 (up to float32 rounding of the written map) ...
+    assert np.mean(mask != (defocus > low + 0.15 * (high - low))) < 1e-3
+    # ... which marks clearly more than the paper's 0.3.
+    assert mask.mean() > (defocus > low + 0.3 * (high - low)).mean() + 0.01
+    for bad in ("0", "1", "-0.2", "x"):
+        rejected = runner.invoke(main, ["estimate", "--out", str(out), "--alpha", bad])
+        assert rejected.exit_code == 2 and "--alpha" in rejected.output

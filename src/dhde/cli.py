@@ -41,6 +41,10 @@ def main() -> None:
 @click.option("--canny", "canny_variant", type=click.Choice(["r2016a", "r2017"]), default="r2016a", show_default=True,
               help="MATLAB Canny flavour: 16-tap Gaussian (R2016a) or 13-tap (later releases).")
 @click.option("--no-median", is_flag=True, help="Skip the final weighted median filter (the paper's map).")
+@click.option("--alpha", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.3,
+              show_default=True,
+              help="Blur-mask threshold: pixels with σ > α·max + (1−α)·min of the image's map are out of focus "
+                   "(the paper's α). The maps do not depend on it.")
 @click.option("--working-size", type=click.IntRange(min=1), default=None, metavar="PX",
               help="Run the pipeline with the photo's long side at PX pixels: larger photos are downscaled, "
                    "the maps come back at the input's size.")
@@ -60,8 +64,8 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True,
               help="No progress bar or per-image lines; warnings, errors and the summary only (for logs).")
 @click.option("--timings", is_flag=True, help="Print per-stage times of each image.")
-def estimate(images, model, out_dir, intermediates, canny_variant, no_median, working_size, full_resolution, workers,
-             threads, resume, overwrite, recursive, scheduler, dask_local, quiet, timings) -> None:
+def estimate(images, model, out_dir, intermediates, canny_variant, no_median, alpha, working_size, full_resolution,
+             workers, threads, resume, overwrite, recursive, scheduler, dask_local, quiet, timings) -> None:
     """Estimate defocus maps of IMAGES and write them to --out.
 
     IMAGES are photo files, folders (searched for .jpg, .png, .tif, ... files)
@@ -92,7 +96,8 @@ def estimate(images, model, out_dir, intermediates, canny_variant, no_median, wo
         _fail("--scheduler and --dask exclude each other")
     if (scheduler or dask_local) and workers != 1:
         _fail("--workers is for local runs; a Dask run uses the cluster's workers (--dask local:N for N of them)")
-    overrides = {"canny_variant": canny_variant, "wmf_enabled": not no_median, "num_threads": threads}
+    overrides = {"canny_variant": canny_variant, "wmf_enabled": not no_median, "mask_alpha": alpha,
+                 "num_threads": threads}
     if working_size is not None or full_resolution:
         overrides["working_long_side"] = working_size
     config = dataclasses.replace(DHDEConfig(), **overrides)
