@@ -36,15 +36,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import resource
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+# The measured fresh-interpreter CLI run, shared with the pipeline benchmark
+# (this script's folder is on sys.path when it runs).
+from bench_pipeline import run_cli_measured
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("DHDE_SHARED", REPO.parent / "shared"))
@@ -78,43 +79,15 @@ def make_test_photo(path: Path) -> Path:
     return path
 
 
-# `dhde estimate` in a fresh interpreter per measurement; the child reports
-# its own peak memory from /proc (VmHWM, reset at exec: getrusage's
-# ru_maxrss would include this benchmark's size).
-_CLI_WITH_RSS = """
-import atexit, sys
-def report():
-    with open("/proc/self/status") as status:
-        kb = next(line.split()[1] for line in status if line.startswith("VmHWM"))
-    print("MAXRSS_KB", kb, file=sys.stderr)
-atexit.register(report)
-from dhde.cli import main
-sys.argv = ["dhde", *sys.argv[1:]]
-main()
-"""
-
-
 def run_cli(image: Path, model: Path, working: int) -> dict:
-    """Wall time, peak RSS (MB) and stage times of one `dhde estimate` run."""
+    """Wall time, CPU time, peak RSS (MB) and stage times of one `dhde estimate` run."""
     size = ["--working-size", str(working)] if working else ["--full-resolution"]
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-c", _CLI_WITH_RSS, "estimate", str(image), "--model", str(model), "--out", out,
-             *size, "--timings"],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        wall = time.perf_counter() - start
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    peak_kb = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("MAXRSS_KB")]
+        run = run_cli_measured(["estimate", str(image), "--model", str(model), "--out", out, *size, "--timings"])
     # `--timings` prints one line "  stage 0.123s, stage 0.456s, ..." per image.
-    stage_line = next(line for line in done.stdout.splitlines() if line.startswith("  ") and "s, " in line)
+    stage_line = next(line for line in run["stdout"].splitlines() if line.startswith("  ") and "s, " in line)
     stages = dict(item.strip().rsplit(" ", 1) for item in stage_line.split(","))
-    return {"wall": wall, "cpu": cpu, "peak_mb": float(peak_kb[-1]) / 1024.0,
+    return {"wall": run["wall"], "cpu": run["cpu"], "peak_mb": run["peak_mb"],
             "timings": {k: float(v.rstrip("s")) for k, v in stages.items()}}
 
 

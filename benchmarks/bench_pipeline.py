@@ -49,19 +49,23 @@ main()
 """
 
 
+def run_cli_measured(args: list[str]) -> dict:
+    """Run `dhde ARGS...` in a fresh interpreter: wall and CPU seconds, peak RSS (MB), stdout."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _CLI_WITH_RSS, *args], check=True, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    kb = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("MAXRSS_KB")]
+    return {"wall": wall, "cpu": cpu, "peak_mb": float(kb[-1]) / 1024.0, "stdout": done.stdout}
+
+
 def cold_cli_run(image: Path, model: Path) -> tuple[float, float]:
     """Wall time and peak RSS (MB) of one `dhde estimate` in a fresh interpreter."""
     with tempfile.TemporaryDirectory() as out:
-        start = time.perf_counter()
-        done = subprocess.run(
-            [sys.executable, "-c", _CLI_WITH_RSS, "estimate", str(image), "--model", str(model), "--out", out],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        seconds = time.perf_counter() - start
-    kb = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("MAXRSS_KB")]
-    return seconds, float(kb[-1]) / 1024.0
+        run = run_cli_measured(["estimate", str(image), "--model", str(model), "--out", out])
+    return run["wall"], run["peak_mb"]
 
 
 def main() -> None:

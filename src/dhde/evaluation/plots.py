@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -23,7 +23,8 @@ from .datasets import Dataset, load_mask, load_sigma
 from .metrics import normalise_map
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend (imported on first use: slow)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -32,21 +33,26 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Union[str, Path]) -> Path:
+    """Write a matplotlib figure to ``path`` (parents created), close it, return the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
 def plot_pr_curves(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path, title: str) -> Path:
     """One chart of precision (y) against recall (x) per ``(label, recall, precision)``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5.2), dpi=120)
     for label, recall, precision in curves:
         ax.plot(recall, precision, label=label, linewidth=1.6)
     ax.set(xlabel="recall (blurred = positive)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_map_grid(
@@ -59,7 +65,7 @@ def plot_map_grid(
     ``panels`` is a list aligned with ``column_labels`` of (H, W, 3) RGB in
     [0, 1], (H, W) maps in [0, 1] (NaN drawn black), or None (empty cell).
     """
-    plt = _pyplot()
+    plt = pyplot()
     columns = len(column_labels)
     # Cells shaped like the photos (median aspect), so the figure has no
     # empty bands between rows.
@@ -82,12 +88,7 @@ def plot_map_grid(
                 ax.set_title(column_labels[c], fontsize=7)
             if c == 0:
                 ax.set_ylabel(row["stem"], fontsize=6)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _normalised_display(values: np.ndarray) -> np.ndarray:

@@ -173,10 +173,9 @@ def run_ablation(
 
 def confusion_figure(confusion: np.ndarray, sigma_labels: Sequence[float], path: Union[str, Path], title: str) -> Path:
     """Row-normalised confusion matrix as a PNG (rows: true σ, columns: predicted σ)."""
-    import matplotlib
+    from ..evaluation.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     counts = np.asarray(confusion, dtype=np.float64)
     rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -193,12 +192,7 @@ def confusion_figure(confusion: np.ndarray, sigma_labels: Sequence[float], path:
     ax.set_ylabel("true σ (px)")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="fraction of the true class")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def results_table(runs: Sequence[dict]) -> str:
