@@ -292,6 +292,39 @@ def test_fit_hand_crafted_features_beat_chance(built, tmp_path):
     assert result.test.within_one > 2 * chance_within_one
 
 
+def test_ordinal_targets_favour_neighbouring_classes():
+    pytest.importorskip("torch")
+    from dhde.training.fit import ordinal_targets
+
+    assert ordinal_targets(11, 0.0) is None
+    with pytest.raises(ValueError):
+        ordinal_targets(11, -1.0)
+    soft = ordinal_targets(11, 0.7).numpy()
+    assert soft.shape == (11, 11)
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-6)
+    assert np.all(soft.argmax(axis=1) == np.arange(11))
+    # Interior rows are symmetric about the true class and fall off with distance.
+    row = soft[5]
+    np.testing.assert_allclose(row[4], row[6], rtol=1e-6)
+    assert row[5] > row[4] > row[3] > row[2]
+    assert row[5] == pytest.approx(1 / (1 + 2 * np.exp(-0.5 / 0.49) + 2 * np.exp(-2 / 0.49) + 2 * np.exp(-4.5 / 0.49)
+                                        + 2 * np.exp(-8 / 0.49) + 2 * np.exp(-12.5 / 0.49)), rel=1e-5)
+
+
+def test_fit_with_ordinal_labels_learns_and_records_them(built, tmp_path):
+    pytest.importorskip("torch")
+    from dhde.model import DefocusModel
+    from dhde.training.fit import fit
+
+    out, _ = built
+    result = fit(out, tmp_path / "dgs.onnx", features="DGS", epochs=10, seed=0, lr=1e-3, label_sigma=0.7,
+                 num_threads=1, log=None)
+    assert result.history[-1].train_loss < result.history[0].train_loss - 0.2
+    assert result.test.within_one > 2 * 31 / 121  # twice a uniform guess
+    training = json.loads(DefocusModel.load(result.model_path).metadata["dhde.training"])
+    assert training["label_sigma"] == 0.7
+
+
 def test_fit_two_stages_and_export(built, tmp_path):
     pytest.importorskip("torch")
     from dhde.model import DefocusModel

@@ -241,10 +241,13 @@ def build_dataset_command(sharp_dir, out_dir, seed, max_positions, split, worker
 @click.option("--schedule", type=click.Choice(["cosine", "constant"]), default="cosine", show_default=True,
               help="Learning rate within a stage: cosine decay to 2 % of --lr, or constant.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--label-sigma", type=click.FloatRange(min=0.0), default=0.0, show_default=True,
+              help="0 = one-hot labels; > 0 = ordinal soft labels, a Gaussian of this width (in classes) over "
+                   "the neighbouring σ classes.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, help="torch threads.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto (CUDA when available).")
-def fit_command(dataset, out, features, epochs, pretrain_epochs, lr, schedule, batch_size, seed, threads,
+def fit_command(dataset, out, features, epochs, pretrain_epochs, lr, schedule, batch_size, label_sigma, seed, threads,
                 device) -> None:
     """Train a classifier on DATASET (from `dhde train build-dataset`) and export it.
 
@@ -258,8 +261,8 @@ def fit_command(dataset, out, features, epochs, pretrain_epochs, lr, schedule, b
     except ImportError as exc:
         _fail(f"training needs torch: pip install 'dhde[train]' ({exc})")
     result = fit(dataset, out, features=features, epochs=epochs, pretrain_epochs=pretrain_epochs, lr=lr,
-                 schedule=schedule, batch_size=batch_size, seed=seed, num_threads=threads, device=device,
-                 progress=True)
+                 schedule=schedule, batch_size=batch_size, label_sigma=label_sigma, seed=seed, num_threads=threads,
+                 device=device, progress=True)
     click.echo(f"wrote {result.model_path} ({result.training_seconds / 60:.1f} min of training)")
     if result.test is not None:
         click.echo(f"test images: {result.test}")

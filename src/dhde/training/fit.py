@@ -146,6 +146,29 @@ def predict_labels(net: DHDENet, samples: SampleSet, batch_size: int = 1024) -> 
     return predicted.cpu().numpy(), float(loss_sum)
 
 
+def ordinal_targets(n_classes: int, label_sigma: float) -> Optional[torch.Tensor]:
+    """Soft training targets that respect the order of the σ classes, or None.
+
+    Row y is a Gaussian over class indices centred on y with standard
+    deviation ``label_sigma`` (in classes), normalised to sum to 1; None
+    for ``label_sigma`` = 0 (one-hot targets, plain cross-entropy). The
+    paper scores a prediction within one class of the truth as correct, and
+    neighbouring classes differ by 0.15 px of blur, so confusing them should
+    cost less than confusing distant ones; one-hot cross-entropy charges
+    every wrong class alike.
+
+    Returns:
+        float32 (n_classes, n_classes) tensor on the CPU, or None.
+    """
+    if label_sigma < 0:
+        raise ValueError(f"label_sigma must be >= 0, got {label_sigma}")
+    if label_sigma == 0:
+        return None
+    index = torch.arange(n_classes, dtype=torch.float64)
+    weights = torch.exp(-0.5 * ((index[None, :] - index[:, None]) / label_sigma) ** 2)
+    return (weights / weights.sum(dim=1, keepdim=True)).float()
+
+
 def confusion_matrix(true_labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
     """int64 (n_classes, n_classes): row = true label, column = predicted."""
     counts = np.bincount(true_labels.astype(np.int64) * n_classes + predicted, minlength=n_classes * n_classes)
@@ -236,6 +259,7 @@ def train_stage(
     log: Optional[Callable[[str], None]],
     progress: bool = False,
     schedule: str = "cosine",
+    soft_targets: Optional[torch.Tensor] = None,
 ) -> tuple[DHDENet, list[EpochLog], Optional[Evaluation]]:
     """Train ``net`` for ``epochs``; return the best-on-validation weights.
 
@@ -243,11 +267,14 @@ def train_stage(
     decayed per step along a half cosine to ``lr * COSINE_FLOOR`` at the end
     of the stage). Without validation samples the last epoch's weights are
     returned. The best weights so far are also checkpointed to
-    ``checkpoint_path``.
+    ``checkpoint_path``. ``soft_targets`` (see :func:`ordinal_targets`)
+    replaces the one-hot targets of the training loss.
     """
     device = _device_of(net)
     inputs = _tensors(train, net.features, device)
     labels = torch.from_numpy(train.label.astype(np.int64)).to(device)
+    if soft_targets is not None:
+        soft_targets = soft_targets.to(device)
     opt = _make_optimizer(optimizer, net.parameters(), lr, weight_decay)
     scheduler = _make_scheduler(schedule, opt, epochs * ((len(train) + batch_size - 1) // batch_size))
     history: list[EpochLog] = []
@@ -264,7 +291,7 @@ def train_stage(
             index = order[first:first + batch_size]
             target = labels[index]
             scores = net(_batch(inputs, index))
-            loss = nn.functional.cross_entropy(scores, target)
+            loss = nn.functional.cross_entropy(scores, target if soft_targets is None else soft_targets[target])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -306,6 +333,7 @@ def fit(
     optimizer: str = "adamw",
     schedule: str = "cosine",
     dropout: float = 0.5,
+    label_sigma: float = 0.0,
     patch_scale: float = PATCH_SCALE,
     feature_scale: float = FEATURE_SCALE,
     num_threads: int = 2,
@@ -334,6 +362,9 @@ def fit(
         schedule: learning rate within each stage, "cosine" (decays to
             ``COSINE_FLOOR`` × the stage's rate) or "constant".
         dropout: dropout after fc1 and fc2.
+        label_sigma: 0 trains on one-hot labels (plain cross-entropy); > 0 on
+            ordinal soft labels, a Gaussian of this width in classes over the
+            neighbouring σ classes (see :func:`ordinal_targets`).
         patch_scale, feature_scale: input scaling inside the net (see
             :class:`~dhde.training.network.DHDENet`; folded into the
             exported weights).
@@ -358,6 +389,7 @@ def fit(
     if len(train) == 0:
         raise ValueError(f"{dataset_dir}: the train split has no samples")
     n_classes = len(manifest["sigma_labels"])
+    soft_targets = ordinal_targets(n_classes, label_sigma)
 
     device = resolve_device(device)
     previous_threads = torch.get_num_threads()
@@ -383,7 +415,7 @@ def fit(
                 net = grow_features(net.cpu(), stage_features).to(device)
             net, stage_history, best_val = train_stage(
                 net, train, val, stage_name, stage_epochs, generator, batch_size, stage_lr, weight_decay,
-                optimizer, checkpoint_path, log, progress, schedule,
+                optimizer, checkpoint_path, log, progress, schedule, soft_targets,
             )
             history += stage_history
         training_seconds = time.perf_counter() - started
@@ -417,6 +449,7 @@ def fit(
         "batch_size": batch_size,
         "weight_decay": weight_decay,
         "dropout": dropout,
+        "label_sigma": label_sigma,
         "patch_scale": patch_scale,
         "feature_scale": feature_scale,
         "val": asdict(best_val) if best_val is not None else None,
