@@ -82,16 +82,29 @@ class Degradation:
     uniformly in ``jpeg_quality``. Draws come from the image's own random
     generator, so datasets stay deterministic.
 
-    The defaults made the shipped model. A milder mix (noise ≤ 1.5 levels,
-    quality 70–95 on 70 %, 40 % clean) scored 91.0 % within one class on
-    clean synthetic test patches (these defaults: 89.5 %) but 0.734 instead
-    of 0.762 α-rule accuracy on the CUHK dev split.
+    The defaults made the shipped model. Measured mixes (all with JPEG at
+    quality 60–95 on 80 % of the noisy images unless said; within one class
+    on clean synthetic test patches, and α-rule accuracy on the CUHK dev
+    split):
+
+    ============================================  =========  =======
+    noise (levels), clean fraction                 clean test  CUHK
+    ============================================  =========  =======
+    none (the authors' recipe)                      93.2 %     0.682
+    ≤ 1.5, 40 % clean, quality 70–95 on 70 %        91.0 %     0.734
+    ≤ 3, 20 % clean                                 89.5 %     0.762
+    ≤ 5, 50 % clean (these defaults)                90.1 %     0.776
+    ============================================  =========  =======
+
+    Stronger noise is what real photos need (the CUHK photos themselves
+    are only ~0.5 levels noisy, but any noise at all shifts a clean-trained
+    network towards "sharp"); clean images keep the fine low-σ classes.
     """
 
-    noise_max: float = 3.0
+    noise_max: float = 5.0
     jpeg_quality: tuple[int, int] = (60, 95)
     jpeg_fraction: float = 0.8
-    clean_fraction: float = 0.2
+    clean_fraction: float = 0.5
 
     def apply(self, rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Degraded copy of a float64 (H, W, 3) image in [0, 1] (float64, [0, 1])."""
