@@ -88,10 +88,9 @@ class DHDEConfig:
     matting_eps: float = 1e-5
     propagation_lambda: float = 0.005
     #: Relative residual tolerance of the iterative solve. The dense map is
-    #: needed to ~1e-3 σ; at 7e-4 the max error against the exact solution
-    #: measured 4.2e-4 σ (0001) and 0.9e-4 σ (0002), about 0.1–0.6·tol.
-    #: (5e-4: 3.0e-4 and 0.7e-4 σ, but two more CG iterations, +0.12 s on 0001.)
-    solver_tol: float = 7e-4
+    #: needed to ~1e-3 σ; at 5e-4 the max error against the exact solution
+    #: measured 3e-4 σ (0001) and 1e-4 σ (0002), about 0.2–0.6·tol.
+    solver_tol: float = 5e-4
     #: "amg" (pyamg-preconditioned CG, fast) or "direct" (sparse LU, exact).
     solver: Literal["amg", "direct"] = "amg"
 
