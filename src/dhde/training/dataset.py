@@ -87,15 +87,15 @@ class Degradation:
     on clean synthetic test patches, and α-rule accuracy on the CUHK dev
     split):
 
-    ============================================  =========  =======
-    noise (levels), clean fraction                 clean test  CUHK
-    ============================================  =========  =======
-    none (the authors' recipe)                      93.2 %     0.682
-    ≤ 1.5, 40 % clean, quality 70–95 on 70 %        91.0 %     0.734
-    ≤ 3, 20 % clean                                 89.5 %     0.762
-    ≤ 5, 50 % clean (these defaults)                90.1 %     0.776
-    ≤ 8, 50 % clean, ordinal labels (σ 0.7)         89.6 %     0.782
-    ============================================  =========  =======
+    ============================================  ==========  =====
+    noise (levels), clean fraction                clean test  CUHK
+    ============================================  ==========  =====
+    none (the authors' recipe)                    93.2 %      0.682
+    ≤ 1.5, 40 % clean, quality 70–95 on 70 %      91.0 %      0.734
+    ≤ 3, 20 % clean                               89.5 %      0.762
+    ≤ 5, 50 % clean (these defaults)              90.1 %      0.776
+    ≤ 8, 50 % clean, ordinal labels (σ 0.7)       89.6 %      0.782
+    ============================================  ==========  =====
 
     Stronger noise is what real photos need (the CUHK photos themselves
     are only ~0.5 levels noisy, but any noise at all shifts a clean-trained
