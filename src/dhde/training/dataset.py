@@ -74,7 +74,7 @@ class Degradation:
     on them can learn "any fine texture means sharp". Real out-of-focus
     regions still carry sensor noise and JPEG artefacts, which such a
     network reads as sharp (measured: 1/255 of noise on an image blurred
-    with σ = 3 moved the previous default model's prediction from 2.0 to 1.2).
+    with σ = 3 moved a clean-trained model's prediction from 2.0 to 1.2).
     With a degradation, each label's blurred image gets, with probability
     ``1 − clean_fraction``, additive Gaussian noise of a standard deviation
     drawn uniformly in [0, ``noise_max``] (8-bit levels) and, with
