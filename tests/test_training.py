@@ -492,3 +492,62 @@ def test_degraded_dataset_adds_noise_and_jpeg_to_blurred_patches(built, sharp_di
     again = tmp_path / "again"
     dataset.build_dataset(sharp_dir, again, **build)
     np.testing.assert_array_equal(np.load(again / "shards" / dataset.shard_name(SET5[1]))["patch"], degraded["patch"])
+
+
+@pytest.mark.parametrize("sigma", [0.5, 0.8, 1.25, 2.0])
+def test_disc_kernel_is_a_disc_with_the_gaussians_variance(sigma):
+    kernel = dataset.disc_kernel(sigma)
+    assert kernel.sum() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(kernel, kernel.T, atol=1e-15)
+    np.testing.assert_allclose(kernel, kernel[::-1], atol=1e-15)
+    x = np.arange(kernel.shape[0]) - (kernel.shape[0] - 1) / 2
+    # Per-axis variance σ², as the Gaussian of the same label.
+    assert (kernel.sum(axis=0) * x * x).sum() == pytest.approx(sigma**2, rel=2e-3)
+    # A disc: pixels wholly inside the circle share one weight (the centre's),
+    # pixels wholly outside it have none.
+    half = kernel.shape[0] // 2
+    distance = np.hypot(*np.meshgrid(x, x))
+    inside = distance + np.sqrt(0.5) < 2 * sigma * 0.99
+    assert np.allclose(kernel[inside], kernel[half, half], rtol=1e-12) and inside.sum() >= 1
+    outside = distance - np.sqrt(0.5) > 2 * sigma * 1.01
+    assert np.all(kernel[outside] == 0)
+
+
+@pytest.mark.parametrize("sigma, factor", [(1.25, 1.3), (2.0, 100.0)])
+def test_disc_blur_keeps_more_fine_detail_than_the_gaussian(sigma, factor):
+    # Why the option exists: a disc's edge profile starts and stops abruptly
+    # (compact support), so it keeps high-frequency energy that a Gaussian of
+    # the same variance removes; a Gaussian-trained network reads that as
+    # sharpness on real defocus.
+    step = np.zeros((41, 41, 3))
+    step[:, 20:] = 1.0
+
+    def upper_band_energy(profile):
+        spectrum = np.abs(np.fft.rfft(np.diff(profile)))
+        return np.sum(spectrum[len(spectrum) // 2:] ** 2)
+
+    gauss = dataset.blur_padded(step, sigma)[20, :, 0]
+    disc = dataset.blur_padded_disc(step, sigma)[20, :, 0]
+    assert upper_band_energy(disc) > factor * upper_band_energy(gauss)
+    # Both keep the levels and leave flat regions alone.
+    assert disc[:12] == pytest.approx(0.0, abs=1e-12) and disc[-12:] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_disc_fraction_blurs_some_labels_with_a_disc(sharp_dir, tmp_path):
+    rgb = load_image(sharp_dir / SET5[0])[:120, :120]
+    config = DHDEConfig()
+    gaussian_only = dataset.Degradation(clean_fraction=1.0)
+    mixed = dataset.Degradation(clean_fraction=1.0, disc_fraction=0.5)
+    plain = dataset.image_samples(rgb, config, np.random.default_rng(3), 40, degradation=gaussian_only)
+    with_disc = dataset.image_samples(rgb, config, np.random.default_rng(3), 40, degradation=mixed)
+    again = dataset.image_samples(rgb, config, np.random.default_rng(3), 40, degradation=mixed)
+    np.testing.assert_array_equal(with_disc["patch"], again["patch"])  # seeded
+    np.testing.assert_array_equal(with_disc["position"], plain["position"])
+    differs = [not np.array_equal(with_disc["patch"][with_disc["label"] == k], plain["patch"][plain["label"] == k])
+               for k in range(len(config.sigma_labels))]
+    # Each of the 11 label images is a disc with probability 1/2.
+    assert 2 <= sum(differs) <= 9
+    # A Gaussian-only degradation with nothing else is the clean recipe, and a
+    # zero disc fraction draws nothing (older datasets are reproduced).
+    clean = dataset.image_samples(rgb, config, np.random.default_rng(3), 40)
+    np.testing.assert_array_equal(plain["patch"], clean["patch"])
