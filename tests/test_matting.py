@@ -166,6 +166,19 @@ def test_row_split_product_matches_scipy():
     assert 0 < split.split < 30000
     x = rng.standard_normal(25000).astype(np.float32)
     np.testing.assert_array_equal(split @ x, matrix @ x)
+    # The row blocks are views of the matrix's arrays, not copies (scipy's
+    # constructor copies views of less than half of their base).
+    for block in (split.top, split.bottom):
+        assert np.shares_memory(block.data, matrix.data) and np.shares_memory(block.indices, matrix.indices)
+    # Uneven rows: one block holds far less than half of the arrays.
+    uneven = matrix.copy()
+    uneven.data[: uneven.indptr[29000]] = 0
+    uneven.eliminate_zeros()
+    lopsided = matting._RowSplitMatrix(sparse.vstack([uneven[29000:], uneven[:29000]]).tocsr())
+    assert np.shares_memory(lopsided.top.data, lopsided.matrix.data)
+    np.testing.assert_array_equal(lopsided @ x, lopsided.matrix @ x)
+    with pytest.raises(ValueError, match="inconsistent"):
+        matting._csr_view(matrix.data[:5], matrix.indices[:4], matrix.indptr[:3], 25000)
     small = matting._RowSplitMatrix(matrix[:100])
     assert small.split == 0
     np.testing.assert_array_equal(small @ x, matrix[:100] @ x)
