@@ -68,7 +68,7 @@ def test_all_patches_labels_match_golden(golden, authors_model):
 
 
 def test_fast_path_equals_per_patch_network(golden, authors_model):
-    """Conv1 + pool1 once per image for scale-1 patches == the whole network per patch."""
+    """Conv1 + pool1 once per image (scale 1) and per mosaic (scale 2) == the whole network per patch."""
     inputs = golden_inputs(golden)
     shared = authors_model.predict_image(**inputs)
     per_patch = authors_model.predict_image(**inputs, fast=False)
@@ -77,6 +77,24 @@ def test_fast_path_equals_per_patch_network(golden, authors_model):
         hand = [inputs[k] for k in ("f_dct_q", "f_grd_q", "f_svd_q")]
         from_golden_patches = authors_model.predict(*hand, golden["features"]["rgb_patches_u8"])
         np.testing.assert_array_equal(per_patch, from_golden_patches)
+
+
+def test_scale2_mosaics_equal_per_patch_network(golden_0002, authors_model_path):
+    """Scale-2 patches through mosaics of tiles: any count (partial mosaic rows,
+    several mosaics, one patch), both patch layouts, same probabilities."""
+    from dhde.pipeline import default_model_path
+
+    inputs = golden_inputs(golden_0002)
+    scale2 = np.flatnonzero(inputs["scales"] == 2)
+    for path in (authors_model_path, default_model_path()):  # transposed and natural layout
+        model = DefocusModel.load(path, num_threads=1)
+        for count in (1, 17, 300):
+            chosen = scale2[:: max(1, len(scale2) // count)][:count]
+            subset = {k: (v[chosen] if k != "rgb_u8" else v) for k, v in inputs.items()}
+            tiled = model.predict_image(**subset)
+            np.testing.assert_allclose(tiled, model.predict_image(**subset, fast=False), rtol=0, atol=1e-5)
+            assert np.allclose(tiled.sum(axis=1), 1.0, atol=1e-5)
+    assert model.info.patch_layout == "natural"
 
 
 def test_file_graph_equals_execution_graphs(golden_0002, authors_model_path, authors_model):
