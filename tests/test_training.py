@@ -551,3 +551,35 @@ def test_disc_fraction_blurs_some_labels_with_a_disc(sharp_dir, tmp_path):
     # zero disc fraction draws nothing (older datasets are reproduced).
     clean = dataset.image_samples(rgb, config, np.random.default_rng(3), 40)
     np.testing.assert_array_equal(plain["patch"], clean["patch"])
+
+
+def test_build_dataset_cli_tunes_the_degradation(sharp_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from dhde.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "bird.png").write_bytes((sharp_dir / SET5[1]).read_bytes())
+    runner = CliRunner()
+    out = tmp_path / "data"
+    result = runner.invoke(main, ["train", "build-dataset", str(photos), str(out), "--max-positions", "20",
+                                  "--split", "1,0,0", "--degrade", "--disc-fraction", "1", "--noise-max", "0",
+                                  "--clean-fraction", "1"])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((out / "manifest.json").read_text())["degradation"]
+    assert recorded["disc_fraction"] == 1.0 and recorded["noise_max"] == 0.0 and recorded["clean_fraction"] == 1.0
+    # Every label image is a disc blur, nothing else: the σ = 2 patches differ
+    # from the Gaussian ones of the same positions.
+    shard = np.load(out / "shards" / "bird.npz")
+    rgb = load_image(photos / "bird.png")
+    gaussian = dataset.image_samples(rgb, DHDEConfig(), np.random.default_rng(dataset.image_seed(0, "bird.png")), 20)
+    np.testing.assert_array_equal(shard["position"], gaussian["position"])
+    last = gaussian["label"] == 10
+    assert not np.array_equal(shard["patch"][last], gaussian["patch"][last])
+    # Tuning without --degrade is an error, not silently ignored.
+    refused = runner.invoke(main, ["train", "build-dataset", str(photos), str(tmp_path / "x"), "--disc-fraction", "0.5"])
+    assert refused.exit_code != 0 and "--degrade" in refused.output
+    bad = runner.invoke(main, ["train", "build-dataset", str(photos), str(tmp_path / "y"), "--degrade",
+                               "--clean-fraction", "1.5"])
+    assert bad.exit_code != 0

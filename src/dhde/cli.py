@@ -208,8 +208,17 @@ def train() -> None:
               help="Every patch at scale 1 (27×27): data for the paper's single-scale ablation only.")
 @click.option("--degrade", is_flag=True,
               help="Add camera-like noise and JPEG artefacts after the blur (not in the authors' recipe; "
-                   "makes models robust on real photos).")
-def build_dataset_command(sharp_dir, out_dir, seed, max_positions, split, workers, single_scale, degrade) -> None:
+                   "makes models robust on real photos). The options below tune it; their defaults made "
+                   "the shipped model.")
+@click.option("--noise-max", type=click.FloatRange(min=0.0), default=None,
+              help="With --degrade: noise standard deviation drawn in [0, this] grey levels.  [default: 5]")
+@click.option("--clean-fraction", type=click.FloatRange(0.0, 1.0), default=None,
+              help="With --degrade: share of label images left without noise and JPEG.  [default: 0.5]")
+@click.option("--disc-fraction", type=click.FloatRange(0.0, 1.0), default=None,
+              help="With --degrade: share of label images blurred by a uniform disc (the thin-lens PSF) "
+                   "of the same variance instead of the Gaussian.  [default: 0]")
+def build_dataset_command(sharp_dir, out_dir, seed, max_positions, split, workers, single_scale, degrade,
+                          noise_max, clean_fraction, disc_fraction) -> None:
     """Blur the sharp photos in SHARP_DIR synthetically and write labelled patches to OUT_DIR.
 
     Every edge position (training Canny thresholds, scales balanced) yields one
@@ -223,9 +232,13 @@ def build_dataset_command(sharp_dir, out_dir, seed, max_positions, split, worker
         fractions = tuple(float(x) for x in split.split(","))
     except ValueError:
         _fail(f"--split must be three comma-separated fractions, got {split!r}")
+    tuning = {name: value for name, value in (("noise_max", noise_max), ("clean_fraction", clean_fraction),
+                                              ("disc_fraction", disc_fraction)) if value is not None}
+    if tuning and not degrade:
+        _fail("--noise-max, --clean-fraction and --disc-fraction need --degrade")
     manifest = build_dataset(sharp_dir, out_dir, seed=seed, max_positions_per_image=max_positions or None,
                              split=fractions, workers=workers, single_scale=single_scale,
-                             degradation=Degradation() if degrade else None)
+                             degradation=Degradation(**tuning) if degrade else None)
     counts = {name: len(ids) for name, ids in manifest.get("split", {}).items()}
     click.echo(f"dataset in {out_dir}: images per split {counts}")
 
