@@ -80,8 +80,13 @@ class Degradation:
     ``1 − clean_fraction``, additive Gaussian noise of a standard deviation
     drawn uniformly in [0, ``noise_max``] (8-bit levels) and, with
     probability ``jpeg_fraction``, a JPEG round trip at a quality drawn
-    uniformly in ``jpeg_quality``. Draws come from the image's own random
-    generator, so datasets stay deterministic.
+    uniformly in ``jpeg_quality``. With probability ``disc_fraction`` the
+    label's image is blurred by a uniform disc of variance σ² (the
+    thin-lens defocus PSF) instead of the Gaussian: real defocus is closer
+    to a disc, whose edge keeps fine detail that a Gaussian-trained network
+    reads as sharp (the clean-trained model reads a σ = 3 disc blur as
+    1.67 px; ``benchmarks/noise_sensitivity.py --blur disc``). Draws come
+    from the image's own random generator, so datasets stay deterministic.
 
     The defaults made the shipped model. Measured mixes (all with JPEG at
     quality 60–95 on 80 % of the noisy images unless said; within one class
