@@ -796,25 +796,21 @@ class DefocusModel:
 
         pad = PATCH_SIZE // 2
         rgb_padded = patches.pad_replicate(rgb_u8, pad)
-        prob = np.empty((n, len(self.sigma_labels)), dtype=np.float32)
-        is_window = scales == 1
-        if fast and is_window.any():
-            chosen = np.flatnonzero(is_window)
-            prob[chosen] = self._predict_windows(rgb_padded, positions[chosen], _subset(hand, chosen), batch_size)
-        tiled = ~is_window if fast else np.zeros(n, dtype=bool)
-        if tiled.any():
-            chosen = np.flatnonzero(tiled)
-            prob[chosen] = self._predict_tiles(rgb_padded, pad, positions[chosen], scales[chosen],
-                                               _subset(hand, chosen), batch_size)
-        cut = np.zeros(n, dtype=bool) if fast else np.ones(n, dtype=bool)
-        if cut.any():
-            chosen = np.flatnonzero(cut)
+        if not fast:  # the reference: every patch cut and run through the whole network
             batches = (
-                (start, stop, patches.colour_patches(rgb_padded, pad, positions[chosen[start:stop]],
-                                                     scales[chosen[start:stop]]))
-                for start, stop, _ in _ranges(len(chosen), batch_size, None)
+                (start, stop, patches.colour_patches(rgb_padded, pad, positions[start:stop], scales[start:stop]))
+                for start, stop, _ in _ranges(n, batch_size, None)
             )
-            prob[chosen] = self._run_patch_batches(_subset(hand, chosen), batches, len(chosen))
+            return self._run_patch_batches(hand, batches, n)
+
+        prob = np.empty((n, len(self.sigma_labels)), dtype=np.float32)
+        windows = np.flatnonzero(scales == 1)
+        if len(windows):
+            prob[windows] = self._predict_windows(rgb_padded, positions[windows], _subset(hand, windows), batch_size)
+        tiles = np.flatnonzero(scales != 1)
+        if len(tiles):
+            prob[tiles] = self._predict_tiles(rgb_padded, pad, positions[tiles], scales[tiles],
+                                              _subset(hand, tiles), batch_size)
         return prob
 
     def _predict_windows(self, rgb_padded: np.ndarray, positions: np.ndarray,
