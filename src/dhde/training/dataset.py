@@ -203,8 +203,10 @@ def disc_kernel(sigma: float, supersample: int = 64) -> np.ndarray:
     """Anti-aliased uniform disc whose per-axis variance is σ², float64 (k, k), sum 1.
 
     Real defocus blur is close to a uniform disc (the thin-lens model), not
-    a Gaussian: its edge profile is steeper and keeps more fine detail than
-    a Gaussian of the same width. A continuous disc of radius R has per-axis
+    a Gaussian: its edge profile starts and stops abruptly (the kernel has
+    compact support), which keeps more high-frequency detail than a
+    Gaussian of the same variance. (Symmetric, so OpenCV's correlation is
+    the convolution.) A continuous disc of radius R has per-axis
     variance R²/4; the pixelised disc (each pixel weighted by the share of
     its area inside the circle, estimated on a ``supersample``² grid) is
     matched to σ² by bisection on R, so that σ keeps its meaning (the
