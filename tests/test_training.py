@@ -7,6 +7,7 @@ folder (Set5). The torch tests skip when torch (the ``train`` extra) is absent.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -583,3 +584,11 @@ def test_build_dataset_cli_tunes_the_degradation(sharp_dir, tmp_path):
     bad = runner.invoke(main, ["train", "build-dataset", str(photos), str(tmp_path / "y"), "--degrade",
                                "--clean-fraction", "1.5"])
     assert bad.exit_code != 0
+    # The help states the defaults (written out to keep the CLI's start-up
+    # light): they must be Degradation's.
+    usage = " ".join(runner.invoke(main, ["train", "build-dataset", "--help"], terminal_width=200).output.split())
+    defaults = dataset.Degradation()
+    for option, value in (("noise-max", defaults.noise_max), ("clean-fraction", defaults.clean_fraction),
+                          ("disc-fraction", defaults.disc_fraction)):
+        stated = re.search(rf"--{option} .*?\[default: ([0-9.]+)\]", usage)
+        assert stated and float(stated.group(1)) == value
