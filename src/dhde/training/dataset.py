@@ -102,6 +102,7 @@ class Degradation:
     ≤ 5, 50 % clean (these defaults)              90.1 %      0.776
     ≤ 8, 50 % clean, ordinal labels (σ 0.7)       89.6 %      0.782
     none, 50 % clean, disc blur on 50 %           89.2 %      0.740
+    ≤ 3, 50 % clean, disc blur on 50 %            89.2 %      0.765
     ============================================  ==========  =====
 
     Stronger noise is what real photos need (the CUHK photos themselves
