@@ -534,7 +534,7 @@ def test_disc_blur_keeps_more_fine_detail_than_the_gaussian(sigma, factor):
     assert disc[:12] == pytest.approx(0.0, abs=1e-12) and disc[-12:] == pytest.approx(1.0, abs=1e-12)
 
 
-def test_disc_fraction_blurs_some_labels_with_a_disc(sharp_dir, tmp_path):
+def test_disc_fraction_blurs_some_labels_with_a_disc(sharp_dir):
     rgb = load_image(sharp_dir / SET5[0])[:120, :120]
     config = DHDEConfig()
     gaussian_only = dataset.Degradation(clean_fraction=1.0)
