@@ -184,6 +184,37 @@ def test_row_split_product_matches_scipy():
     np.testing.assert_array_equal(small @ x, matrix[:100] @ x)
 
 
+def test_band_product_matches_csr():
+    # The finest level multiplies in diagonal storage: same sums, same order.
+    image = blocky_image((150, 200, 3), seed=6)
+    bands = matting.matting_laplacian_bands(image)
+    csr = matting_laplacian(image)
+    assert abs(bands.tocsr() - csr).max() == 0
+    rng = np.random.default_rng(2)
+    weight = 0.005 * (rng.random(30000) < 0.1)
+    system_bands, offsets = matting._system_bands(bands, weight)
+    assert (np.diff(offsets) > 0).all() and len(offsets) == 25
+    system = (csr + sparse.diags(weight)).tocsr()
+    for dtype in (np.float32, np.float64):
+        product = matting._BandMatrix(system_bands.astype(dtype), offsets)
+        assert 0 < product.split < 30000  # two row blocks, two threads
+        x = rng.standard_normal(30000).astype(dtype)
+        np.testing.assert_array_equal(product @ x, system.astype(dtype) @ x)
+    small = matting._BandMatrix(system_bands[:, :900], offsets)
+    assert small.split == 0
+    with pytest.raises(ValueError, match="ascending"):
+        matting._BandMatrix(system_bands, offsets[::-1])
+
+
+def test_solver_gives_the_same_map_from_any_storage(crop_system):
+    laplacian, edge, values, guide = crop_system
+    from_csr = propagate(laplacian, edge, values, guide=guide)
+    from_bands = propagate(matting.matting_laplacian_bands(guide), edge, values, guide=guide)
+    from_coo = propagate(laplacian.tocoo(), edge, values, guide=guide)
+    np.testing.assert_array_equal(from_bands, from_csr)
+    np.testing.assert_array_equal(from_coo, from_csr)
+
+
 def test_rejects_unknown_solver(crop_system):
     laplacian, edge, _, _ = crop_system
     with pytest.raises(ValueError, match="solver"):

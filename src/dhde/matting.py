@@ -42,7 +42,7 @@ from __future__ import annotations
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import numpy as np
 from scipy import sparse
@@ -206,6 +206,9 @@ def _accumulate_affinities(
 def matting_laplacian(image: np.ndarray, eps: float = 1e-5, radius: int = 1) -> sparse.csr_matrix:
     """Closed-form matting Laplacian of an RGB image, the authors' variant.
 
+    :func:`matting_laplacian_bands` is the same matrix in diagonal storage,
+    which :func:`propagation_solver` multiplies faster.
+
     Args:
         image: (H, W, 3) float image (the RGF image, values in [0, 1]);
             H, W > 2·radius.
@@ -217,6 +220,26 @@ def matting_laplacian(image: np.ndarray, eps: float = 1e-5, radius: int = 1) -> 
         (H·W, H·W) symmetric CSR matrix, rows/columns in row-major pixel
         order, sorted indices; (4r+1)² non-zeros per row away from the
         border (exact zeros are dropped, as MATLAB's ``sparse`` does).
+    """
+    laplacian = matting_laplacian_bands(image, eps, radius).tocsr()
+    laplacian.sort_indices()
+    return laplacian
+
+
+def matting_laplacian_bands(image: np.ndarray, eps: float = 1e-5, radius: int = 1) -> sparse.dia_matrix:
+    """:func:`matting_laplacian` in diagonal storage (scipy DIA).
+
+    Args:
+        image: (H, W, 3) float image (the RGF image, values in [0, 1]);
+            H, W > 2·radius.
+        eps: regulariser ε added to the window covariance (authors: 1e-5,
+            not divided by the window size).
+        radius: window radius r ((2r+1)² windows).
+
+    Returns:
+        (H·W, H·W) DIA matrix: (4r+1)² float64 bands of length H·W, offsets
+        dy·W + dx ascending (entries that would cross the image border are
+        stored zeros).
     """
     image = np.asarray(image, dtype=np.float64)
     if image.ndim != 3 or image.shape[2] != 3:
@@ -248,9 +271,7 @@ def matting_laplacian(image: np.ndarray, eps: float = 1e-5, radius: int = 1) -> 
     row_sums = bands.sum(axis=0)
     bands *= -1.0
     bands[band_of[0]] += row_sums
-    laplacian = sparse.dia_matrix((bands, flat_offsets), shape=(n_pixels, n_pixels)).tocsr()
-    laplacian.sort_indices()
-    return laplacian
+    return sparse.dia_matrix((bands, flat_offsets), shape=(n_pixels, n_pixels))
 
 
 SolverName = Literal["amg", "direct"]
@@ -355,6 +376,54 @@ class _RowSplitMatrix:
         return out
 
 
+class _BandMatrix:
+    """A banded (DIA) matrix whose products with vectors run as two row blocks in parallel.
+
+    The finest level's operator: its products are most of the solve. The
+    matting Laplacian's (4r+1)² bands stream 4 bytes per entry in float32,
+    CSR 8 (value and column index): on image 0001, 2.2 ms per product
+    against 4.9 ms with two threads. Each row sums its entries in the same
+    (column) order as CSR with sorted indices, so the products are
+    bit-identical to ``matrix @ x`` (tested).
+
+    Args:
+        bands: (K, n) band values, band k at column j holding A[j - o_k, j].
+        offsets: (K,) int, ascending.
+        matrix: the same matrix as CSR (for the smoother weights and the
+            setup), or None.
+    """
+
+    def __init__(self, bands: np.ndarray, offsets: np.ndarray, matrix: Optional[sparse.csr_matrix] = None):
+        n = bands.shape[1]
+        offsets = np.asarray(offsets)
+        if np.any(np.diff(offsets) <= 0):
+            raise ValueError("band offsets must be strictly ascending")
+        self.matrix = matrix
+        self.shape = (n, n)
+        self.dtype = bands.dtype
+        self.split = n // 2 if n >= _MIN_ROWS_TO_SPLIT else 0
+        # Row blocks [0, s) and [s, n) share the bands: rows i >= s are the
+        # rows i - s of the matrix with every offset moved by s.
+        self.whole = sparse.dia_matrix((bands, offsets), shape=(n, n))
+        if self.split:
+            self.top = sparse.dia_matrix((bands, offsets), shape=(self.split, n))
+            self.bottom = sparse.dia_matrix((bands, offsets + self.split), shape=(n - self.split, n))
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        if not self.split:
+            return self.whole @ x
+        out = np.empty(self.shape[0], dtype=np.result_type(self.dtype, x.dtype))
+
+        def top():
+            out[: self.split] = self.top @ x
+
+        def bottom():
+            out[self.split :] = self.bottom @ x
+
+        _in_parallel(top, bottom)
+        return out
+
+
 def _gauss_seidel(matrix: sparse.csr_matrix, x: np.ndarray, b: np.ndarray, forward: bool) -> None:
     """One Gauss-Seidel sweep on ``matrix x = b``, updating x in place.
 
@@ -409,13 +478,15 @@ class _Level:
     Jacobi smoothing; None selects Gauss-Seidel.
     """
 
-    matrix: _RowSplitMatrix
+    matrix: _RowSplitMatrix | _BandMatrix
     prolongation: _RowSplitMatrix | None = None
     restriction: _RowSplitMatrix | None = None
     jacobi_weights: np.ndarray | None = None
 
 
-def _aggregation_hierarchy(system: sparse.csr_matrix, candidates: np.ndarray) -> tuple[list[_Level], Callable]:
+def _aggregation_hierarchy(
+    system: sparse.csr_matrix, candidates: np.ndarray, finest: Optional[_BandMatrix] = None
+) -> tuple[list[_Level], Callable]:
     """Unsmoothed-aggregation multigrid hierarchy of an SPD matrix.
 
     pyamg's aggregation and candidate fitting, with the Galerkin products
@@ -436,6 +507,8 @@ def _aggregation_hierarchy(system: sparse.csr_matrix, candidates: np.ndarray) ->
     Args:
         system: (n, n) float32 CSR, symmetric positive definite.
         candidates: (n, k) float32 near-null-space vectors.
+        finest: the same matrix as a :class:`_BandMatrix`, for faster
+            products on the finest level (default: row-split CSR).
 
     Returns:
         The levels, finest first, and the exact solver of the coarsest level
@@ -457,7 +530,8 @@ def _aggregation_hierarchy(system: sparse.csr_matrix, candidates: np.ndarray) ->
         # coarser levels (4 coupled unknowns per aggregate, λmax(D⁻¹A) ≈ 3.6)
         # Jacobi stalls CG, so they keep Gauss-Seidel.
         weights = _jacobi_weights(matrix) if not levels else None
-        levels.append(_Level(_RowSplitMatrix(matrix), _RowSplitMatrix(prolongation), _RowSplitMatrix(restriction), weights))
+        operator = finest if finest is not None and not levels else _RowSplitMatrix(matrix)
+        levels.append(_Level(operator, _RowSplitMatrix(prolongation), _RowSplitMatrix(restriction), weights))
         matrix = (restriction @ (matrix @ prolongation)).tocsr()
         matrix.sort_indices()
         candidates = candidates.astype(np.float32)
@@ -583,6 +657,23 @@ def _preconditioned_cg(
     return x, maxiter + 1
 
 
+def _system_bands(laplacian: sparse.spmatrix, data_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bands and ascending offsets of ``L + diag(data_weight)``, float64, each of length n.
+
+    ``laplacian`` may be in any scipy format; the matting Laplacian comes
+    banded (:func:`matting_laplacian_bands`), anything else is converted.
+    """
+    n = laplacian.shape[0]
+    dia = sparse.dia_matrix(laplacian)
+    offsets = np.union1d(dia.offsets, [0]).astype(np.int64)  # sorted, with the diagonal
+    bands = np.zeros((len(offsets), n))
+    length = min(n, dia.data.shape[1])
+    for source, offset in enumerate(dia.offsets):  # += : repeated offsets add up
+        bands[np.searchsorted(offsets, offset), :length] += dia.data[source, :length]
+    bands[np.searchsorted(offsets, 0)] += data_weight
+    return bands, offsets
+
+
 def propagation_solver(
     laplacian: sparse.spmatrix,
     edge_mask: np.ndarray,
@@ -620,28 +711,34 @@ def propagation_solver(
     edge = np.asarray(edge_mask, dtype=bool)
     shape = edge.shape
     data_weight = lam * edge.ravel().astype(np.float64)
-    system = (laplacian + sparse.diags(data_weight)).tocsr()
+    bands, offsets = _system_bands(laplacian, data_weight)
+    n = bands.shape[1]
+
+    def system_csr(dtype) -> sparse.csr_matrix:
+        # From the bands: tocsr drops their stored zeros (border entries).
+        matrix = sparse.dia_matrix((bands.astype(dtype, copy=False), offsets), shape=(n, n)).tocsr()
+        matrix.sort_indices()
+        return matrix
 
     if solver == "direct":
 
         def solve_direct(sparse_values: np.ndarray, tol: float = 5e-4, x0: np.ndarray | None = None) -> np.ndarray:
             rhs = data_weight * np.asarray(sparse_values, dtype=np.float64).ravel()
-            return sparse_linalg.spsolve(system.tocsc(), rhs).reshape(shape)
+            return sparse_linalg.spsolve(system_csr(np.float64).tocsc(), rhs).reshape(shape)
 
         return solve_direct
     if solver != "amg":
         raise ValueError(f"unknown solver {solver!r}")
 
-    candidates = np.ones((system.shape[0], 1), dtype=np.float32)
+    candidates = np.ones((n, 1), dtype=np.float32)
     if guide is not None:
-        candidates = np.column_stack([candidates, np.asarray(guide, dtype=np.float32).reshape(system.shape[0], -1)])
+        candidates = np.column_stack([candidates, np.asarray(guide, dtype=np.float32).reshape(n, -1)])
     # The preconditioner needs no double precision (CG corrects it): float32
     # halves the memory traffic of the cycle for the same iteration count.
-    system32 = system.astype(np.float32)
-    system32.sort_indices()
-    levels, coarse_solve = _aggregation_hierarchy(system32, candidates)
-    system.sort_indices()
-    operators = {np.float32: levels[0].matrix, np.float64: _RowSplitMatrix(system)}
+    bands32 = bands.astype(np.float32)
+    system32 = system_csr(np.float32)
+    levels, coarse_solve = _aggregation_hierarchy(system32, candidates, _BandMatrix(bands32, offsets, system32))
+    operators = {np.float32: levels[0].matrix, np.float64: _BandMatrix(bands, offsets)}
 
     def solve_amg(sparse_values: np.ndarray, tol: float = 5e-4, x0: np.ndarray | None = None) -> np.ndarray:
         # Mixed-precision iterative refinement: CG runs in float32 on the
@@ -677,7 +774,7 @@ def propagation_solver(
             # still breaks down, the exact solve is slow but right.
             warnings.warn("multigrid CG broke down; solving the propagation system directly (slow)",
                           RuntimeWarning, stacklevel=2)
-            solution = sparse_linalg.spsolve(system.tocsc(), rhs)
+            solution = sparse_linalg.spsolve(system_csr(np.float64).tocsc(), rhs)
         return solution.reshape(shape)
 
     return solve_amg

@@ -143,7 +143,7 @@ def _prepare_propagation(rgb: np.ndarray, edge_mask: np.ndarray, cfg: DHDEConfig
     with timer("rgf"):
         guide = rgf.rolling_guidance_filter(rgb, cfg.rgf_sigma_s, cfg.rgf_sigma_r, cfg.rgf_iterations)
     with timer("laplacian"):
-        laplacian = matting.matting_laplacian(guide, eps=cfg.matting_eps, radius=cfg.matting_radius)
+        laplacian = matting.matting_laplacian_bands(guide, eps=cfg.matting_eps, radius=cfg.matting_radius)
     with timer("solver_setup"):
         solve = matting.propagation_solver(laplacian, edge_mask, cfg.propagation_lambda, cfg.solver, guide=guide)
     return guide, solve, timer.timings

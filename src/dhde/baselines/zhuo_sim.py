@@ -254,7 +254,7 @@ def zhuo_sim_defocus(rgb: np.ndarray, config: Optional[ZhuoSimConfig] = None) ->
         warnings.warn("Zhuo-Sim: no measurable edge in the image; returning an all-zero map",
                       UserWarning, stacklevel=2)
         return np.zeros(sparse.shape, dtype=np.float32)
-    laplacian = matting.matting_laplacian(rgb, eps=config.matting_eps, radius=config.matting_radius)
+    laplacian = matting.matting_laplacian_bands(rgb, eps=config.matting_eps, radius=config.matting_radius)
     dense = matting.propagate(
         laplacian, constrained, filtered, lam=config.propagation_lambda, solver=config.solver,
         tol=config.solver_tol, guide=rgb,
