@@ -206,23 +206,6 @@ def test_band_product_matches_csr():
         matting._BandMatrix(system_bands, offsets[::-1])
 
 
-def test_split_galerkin_product_matches_one_thread_product():
-    rng = np.random.default_rng(3)
-    matrix = sparse.random(30000, 30000, density=3e-4, format="csr", random_state=rng, dtype=np.float32)
-    right = sparse.random(30000, 7000, density=5e-4, format="csr", random_state=rng, dtype=np.float32)
-    split = matting._RowSplitMatrix(matrix)
-    assert split.split
-    product = matting._split_product(split, right)
-    expected = (matrix @ right).tocsr()
-    product.sort_indices()
-    expected.sort_indices()
-    np.testing.assert_array_equal(product.indptr, expected.indptr)
-    np.testing.assert_array_equal(product.indices, expected.indices)
-    np.testing.assert_array_equal(product.data, expected.data)
-    small = matting._RowSplitMatrix(matrix[:100])
-    assert abs(matting._split_product(small, right) - matrix[:100] @ right).max() == 0
-
-
 def test_solver_gives_the_same_map_from_any_storage(crop_system):
     laplacian, edge, values, guide = crop_system
     from_csr = propagate(laplacian, edge, values, guide=guide)

@@ -424,27 +424,6 @@ class _BandMatrix:
         return out
 
 
-def _split_product(left: _RowSplitMatrix, right: sparse.csr_matrix) -> sparse.csr_matrix:
-    """``left.matrix @ right`` as CSR, its two row blocks computed on two threads.
-
-    The Galerkin products of the multigrid setup (scipy's CSR product
-    releases the GIL). Same entries as the one-thread product: each row of
-    the result is computed from the same row of ``left`` either way.
-    """
-    if not left.split:
-        return (left.matrix @ right).tocsr()
-    blocks: dict[str, sparse.csr_matrix] = {}
-
-    def top():
-        blocks["top"] = (left.top @ right).tocsr()
-
-    def bottom():
-        blocks["bottom"] = (left.bottom @ right).tocsr()
-
-    _in_parallel(top, bottom)
-    return sparse.vstack([blocks["top"], blocks["bottom"]], format="csr")
-
-
 def _gauss_seidel(matrix: sparse.csr_matrix, x: np.ndarray, b: np.ndarray, forward: bool) -> None:
     """One Gauss-Seidel sweep on ``matrix x = b``, updating x in place.
 
@@ -552,9 +531,8 @@ def _aggregation_hierarchy(
         # Jacobi stalls CG, so they keep Gauss-Seidel.
         weights = _jacobi_weights(matrix) if not levels else None
         operator = finest if finest is not None and not levels else _RowSplitMatrix(matrix)
-        split_restriction = _RowSplitMatrix(restriction)
-        levels.append(_Level(operator, _RowSplitMatrix(prolongation), split_restriction, weights))
-        matrix = _split_product(split_restriction, _split_product(_RowSplitMatrix(matrix), prolongation))
+        levels.append(_Level(operator, _RowSplitMatrix(prolongation), _RowSplitMatrix(restriction), weights))
+        matrix = (restriction @ (matrix @ prolongation)).tocsr()
         matrix.sort_indices()
         candidates = candidates.astype(np.float32)
     levels.append(_Level(_RowSplitMatrix(matrix)))
