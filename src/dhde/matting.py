@@ -338,33 +338,23 @@ def _csr_view(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, n_cols:
     return view
 
 
-class _RowSplitMatrix:
-    """A CSR matrix whose products with vectors run as two row blocks in parallel.
+class _TwoBlockProduct:
+    """Products with vectors computed as two row blocks, one on each of two threads.
 
-    ``split @ x`` equals ``split.matrix @ x`` exactly (same arithmetic per
-    row); ``split.matrix`` is the whole matrix.
-
-    Args:
-        matrix: CSR matrix (float32 or float64).
+    Subclasses set ``whole`` (the matrix, used when ``split`` is 0), and,
+    when ``split`` > 0, ``top`` and ``bottom``: rows [0, split) and
+    [split, n) as matrices of their own.
     """
 
-    def __init__(self, matrix: sparse.csr_matrix):
-        self.matrix = matrix
-        self.shape = matrix.shape
-        n_rows = matrix.shape[0]
-        # Split where half of the non-zeros are above (balanced work).
-        self.split = int(np.searchsorted(matrix.indptr, matrix.nnz // 2)) if n_rows >= _MIN_ROWS_TO_SPLIT else 0
-        if self.split:
-            indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
-            cut = indptr[self.split]
-            # Row blocks sharing the parent's arrays.
-            self.top = _csr_view(data[:cut], indices[:cut], indptr[: self.split + 1], matrix.shape[1])
-            self.bottom = _csr_view(data[cut:], indices[cut:], indptr[self.split :] - cut, matrix.shape[1])
+    whole: sparse.spmatrix
+    top: sparse.spmatrix
+    bottom: sparse.spmatrix
+    split: int
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:
         if not self.split:
-            return self.matrix @ x
-        out = np.empty(self.shape[0], dtype=np.result_type(self.matrix.dtype, x.dtype))
+            return self.whole @ x
+        out = np.empty(self.whole.shape[0], dtype=np.result_type(self.whole.dtype, x.dtype))
 
         def top():
             out[: self.split] = self.top @ x
@@ -376,7 +366,31 @@ class _RowSplitMatrix:
         return out
 
 
-class _BandMatrix:
+class _RowSplitMatrix(_TwoBlockProduct):
+    """A CSR matrix whose products with vectors run as two row blocks in parallel.
+
+    ``split @ x`` equals ``split.matrix @ x`` exactly (same arithmetic per
+    row); ``split.matrix`` is the whole matrix.
+
+    Args:
+        matrix: CSR matrix (float32 or float64).
+    """
+
+    def __init__(self, matrix: sparse.csr_matrix):
+        self.matrix = self.whole = matrix
+        self.shape = matrix.shape
+        n_rows = matrix.shape[0]
+        # Split where half of the non-zeros are above (balanced work).
+        self.split = int(np.searchsorted(matrix.indptr, matrix.nnz // 2)) if n_rows >= _MIN_ROWS_TO_SPLIT else 0
+        if self.split:
+            indptr, indices, data = matrix.indptr, matrix.indices, matrix.data
+            cut = indptr[self.split]
+            # Row blocks sharing the parent's arrays.
+            self.top = _csr_view(data[:cut], indices[:cut], indptr[: self.split + 1], matrix.shape[1])
+            self.bottom = _csr_view(data[cut:], indices[cut:], indptr[self.split :] - cut, matrix.shape[1])
+
+
+class _BandMatrix(_TwoBlockProduct):
     """A banded (DIA) matrix whose products with vectors run as two row blocks in parallel.
 
     The finest level's operator: its products are most of the solve. The
@@ -400,7 +414,6 @@ class _BandMatrix:
             raise ValueError("band offsets must be strictly ascending")
         self.matrix = matrix
         self.shape = (n, n)
-        self.dtype = bands.dtype
         self.split = n // 2 if n >= _MIN_ROWS_TO_SPLIT else 0
         # Row blocks [0, s) and [s, n) share the bands: rows i >= s are the
         # rows i - s of the matrix with every offset moved by s.
@@ -408,20 +421,6 @@ class _BandMatrix:
         if self.split:
             self.top = sparse.dia_matrix((bands, offsets), shape=(self.split, n))
             self.bottom = sparse.dia_matrix((bands, offsets + self.split), shape=(n - self.split, n))
-
-    def __matmul__(self, x: np.ndarray) -> np.ndarray:
-        if not self.split:
-            return self.whole @ x
-        out = np.empty(self.shape[0], dtype=np.result_type(self.dtype, x.dtype))
-
-        def top():
-            out[: self.split] = self.top @ x
-
-        def bottom():
-            out[self.split :] = self.bottom @ x
-
-        _in_parallel(top, bottom)
-        return out
 
 
 def _gauss_seidel(matrix: sparse.csr_matrix, x: np.ndarray, b: np.ndarray, forward: bool) -> None:
