@@ -207,14 +207,8 @@ def matting_laplacian(image: np.ndarray, eps: float = 1e-5, radius: int = 1) -> 
     """Closed-form matting Laplacian of an RGB image, the authors' variant.
 
     :func:`matting_laplacian_bands` is the same matrix in diagonal storage,
-    which :func:`propagation_solver` multiplies faster.
-
-    Args:
-        image: (H, W, 3) float image (the RGF image, values in [0, 1]);
-            H, W > 2·radius.
-        eps: regulariser ε added to the window covariance (authors: 1e-5,
-            not divided by the window size).
-        radius: window radius r ((2r+1)² windows).
+    which :func:`propagation_solver` multiplies faster; the arguments are
+    described there.
 
     Returns:
         (H·W, H·W) symmetric CSR matrix, rows/columns in row-major pixel
