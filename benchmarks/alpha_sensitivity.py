@@ -9,8 +9,10 @@ on how well the map ranks blurred above sharp pixels: a map whose most
 blurred region reaches far above its moderately blurred ones puts τ above
 the latter. This script re-scores the maps that `dhde evaluate` cached under
 OUT_DIR/maps/ (no method is re-run) for several α and prints, per method,
-the mean per-image accuracy at each α (the protocol's "acc" at α = 0.3) and
-the best α. The dataset is the one recorded in OUT_DIR/summary.json unless
+the mean per-image accuracy at each α (the protocol's "acc" at α = 0.3), the
+best α, and the accuracy with the best α of the list chosen for each image;
+then what sets the threshold: each map's min and max, its mean over the truly
+blurred and truly sharp pixels, and the area it calls blurred. The dataset is the one recorded in OUT_DIR/summary.json unless
 --dataset is given.
 """
 
@@ -23,24 +25,40 @@ from pathlib import Path
 
 import numpy as np
 
+from dhde.config import DHDEConfig
 from dhde.evaluation.datasets import load_mask, open_dataset
 from dhde.evaluation.metrics import segmentation_accuracy
 from dhde.evaluation.runner import read_map
+from dhde.segmentation import blur_mask
 
 
-def alpha_accuracies(maps_dir: Path, dataset_root: Path, alphas: np.ndarray) -> tuple[np.ndarray, int]:
-    """Mean per-image α-rule accuracy at each α over the images with a cached map, and their count."""
-    scores = []
+def image_scores(maps_dir: Path, dataset_root: Path, alphas: np.ndarray, paper_alpha: float) -> dict[str, np.ndarray]:
+    """Per image with a cached map: α-rule accuracy at each α, and what shapes it.
+
+    Returns arrays over the images: ``accuracy`` (images, len(alphas)),
+    ``low`` and ``high`` (the map's min and max), ``blurred`` and ``sharp``
+    (its mean over the truly blurred and the truly sharp pixels; NaN where
+    there are none), ``called`` (fraction marked blurred at ``paper_alpha``)
+    and ``truth`` (fraction truly blurred).
+    """
+    rows = []
     for sample in open_dataset(dataset_root).samples:
         path = maps_dir / f"{sample.stem}.tif"
         if not path.exists():
             continue
         values = read_map(path)
         mask = load_mask(sample.mask_path)
-        scores.append([segmentation_accuracy(values, mask, float(a)) for a in alphas])
-    if not scores:
-        return np.full(len(alphas), np.nan), 0
-    return np.mean(scores, axis=0), len(scores)
+        rows.append((
+            [segmentation_accuracy(values, mask, float(a)) for a in alphas],
+            values.min(), values.max(),
+            values[mask].mean() if mask.any() else np.nan,
+            values[~mask].mean() if (~mask).any() else np.nan,
+            blur_mask(values, paper_alpha).mean(), mask.mean(),
+        ))
+    names = ("accuracy", "low", "high", "blurred", "sharp", "called", "truth")
+    if not rows:
+        return {name: np.empty((0, len(alphas)) if name == "accuracy" else 0) for name in names}
+    return {name: np.array([row[k] for row in rows], dtype=np.float64) for k, name in enumerate(names)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,17 +75,27 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     summary = json.loads(summary_path.read_text())
     dataset_root = args.dataset or Path(summary["dataset"]["root"])
-    print(f"α-rule accuracy by α ({dataset_root}; mean over images)\n")
-    print("| method | images | " + " | ".join(f"α = {a:g}" for a in alphas) + " | best α |")
-    print("|---|---|" + "---|" * len(alphas) + "---|")
+    paper_alpha = DHDEConfig().mask_alpha
+    scores = {}
     for method in summary["methods"]:
-        maps_dir = args.out_dir / "maps" / method["key"]
-        accuracies, count = alpha_accuracies(maps_dir, dataset_root, alphas)
-        if count == 0:
-            continue
+        found = image_scores(args.out_dir / "maps" / method["key"], dataset_root, alphas, paper_alpha)
+        if len(found["accuracy"]):
+            scores[method["label"]] = found
+    print(f"α-rule accuracy by α ({dataset_root}; mean over images)\n")
+    print("| method | images | " + " | ".join(f"α = {a:g}" for a in alphas) + " | best α | best α per image |")
+    print("|---|---|" + "---|" * len(alphas) + "---|---|")
+    for label, found in scores.items():
+        accuracies = found["accuracy"].mean(axis=0)
         best = int(np.nanargmax(accuracies))
         cells = " | ".join(f"**{v:.4f}**" if k == best else f"{v:.4f}" for k, v in enumerate(accuracies))
-        print(f"| {method['label']} | {count} | {cells} | {alphas[best]:g} |")
+        oracle = found["accuracy"].max(axis=1).mean()
+        print(f"| {label} | {len(found['accuracy'])} | {cells} | {alphas[best]:g} | {oracle:.4f} |")
+    print(f"\nWhat sets the threshold (means over images; σ maps in their own units; α = {paper_alpha:g})\n")
+    print("| method | map min | map max | mean in blurred areas | mean in sharp areas | called blurred | truly blurred |")
+    print("|---|---|---|---|---|---|---|")
+    for label, found in scores.items():
+        cells = " | ".join(f"{np.nanmean(found[name]):.3f}" for name in ("low", "high", "blurred", "sharp", "called", "truth"))
+        print(f"| {label} | {cells} |")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from dhde.evaluation.methods import MethodError, parse_method, parse_methods
 
 STEMS = ("out_of_focus0003", "out_of_focus0007", "out_of_focus0012")
 HAVE_BASELINES = importlib.util.find_spec("dhde.baselines") is not None
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +82,21 @@ def test_evaluate_end_to_end_and_resume(small_cuhk, tmp_path):
         assert (out / "plots" / name).stat().st_size > 10_000, name
     curves = json.loads((out / "curves.json").read_text())
     assert len(curves["dhde"]["pr"]["precision"]) == 255
+
+    # benchmarks/alpha_sensitivity.py re-scores the cached maps: the same acc at α = 0.3.
+    spec = importlib.util.spec_from_file_location("alpha_sensitivity", BENCHMARKS / "alpha_sensitivity.py")
+    alpha_sensitivity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(alpha_sensitivity)
+    scores = alpha_sensitivity.image_scores(out / "maps" / "dhde", small_cuhk, np.array([0.1, 0.3]), 0.3)
+    np.testing.assert_allclose(scores["accuracy"][:, 1], [float(row["acc"]) for row in rows[:3]], atol=1e-6)
+    for k, row in enumerate(rows[:3]):
+        defocus = tifffile.imread(out / "maps" / "dhde" / f"{row['stem']}.tif")
+        truth = np.asarray(Image.open(small_cuhk / "gt" / f"{row['stem']}.png")) > 127
+        tau = defocus.min() + 0.3 * (defocus.max() - defocus.min())
+        assert scores["called"][k] == pytest.approx(np.mean(defocus > tau), abs=1e-6)
+        assert scores["truth"][k] == pytest.approx(truth.mean())
+        assert scores["high"][k] == pytest.approx(defocus.max())
+        assert scores["blurred"][k] == pytest.approx(defocus[truth].mean(), rel=1e-6)
 
     # Resume: nothing is recomputed and the scores are the same.
     cached = {p: p.stat().st_mtime_ns for p in (out / "maps").rglob("*.tif")}
