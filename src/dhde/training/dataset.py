@@ -101,6 +101,7 @@ class Degradation:
     ≤ 3, 20 % clean                               89.5 %      0.762
     ≤ 5, 50 % clean (these defaults)              90.1 %      0.776
     ≤ 8, 50 % clean, ordinal labels (σ 0.7)       89.6 %      0.782
+    ≤ 12, 50 % clean, ordinal labels (σ 0.7)      88.6 %      0.785
     none, 50 % clean, disc blur on 50 %           89.2 %      0.740
     ≤ 3, 50 % clean, disc blur on 50 %            89.2 %      0.765
     ============================================  ==========  =====
