@@ -215,6 +215,24 @@ def test_solver_gives_the_same_map_from_any_storage(crop_system):
     np.testing.assert_array_equal(from_coo, from_csr)
 
 
+def test_solver_takes_a_laplacian_that_is_not_banded(multigrid_crop_system):
+    # Entries on scattered diagonals (here: the pixels in random order) would
+    # need a band per diagonal; such a matrix is multiplied as CSR, on every
+    # level of the multigrid hierarchy.
+    laplacian, edge, values, guide, exact = multigrid_crop_system
+    n = laplacian.shape[0]
+    order = np.random.default_rng(5).permutation(n)
+    shuffled = laplacian.tocsr()[order][:, order]
+    assert matting._system_bands(shuffled, np.zeros(n)) is None
+    assert matting._system_bands(laplacian, np.zeros(n)) is not None
+
+    def permuted(image):
+        return image.reshape(n, -1)[order].reshape(image.shape)
+
+    approx = propagate(shuffled, permuted(edge), permuted(values), tol=1e-7, guide=permuted(guide))
+    np.testing.assert_allclose(approx, permuted(exact), rtol=0, atol=1e-4)
+
+
 def test_rejects_unknown_solver(crop_system):
     laplacian, edge, _, _ = crop_system
     with pytest.raises(ValueError, match="solver"):

@@ -650,13 +650,25 @@ def _preconditioned_cg(
     return x, maxiter + 1
 
 
-def _system_bands(laplacian: sparse.spmatrix, data_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+#: A Laplacian given in another format is multiplied in diagonal storage
+#: only if its bands hold at most this many entries per stored non-zero
+#: (the matting Laplacian's hold ~1: (4r+1)² full bands); a matrix with
+#: scattered entries would need a band per distinct diagonal.
+_MAX_BAND_FILL = 1.5
+
+
+def _system_bands(laplacian: sparse.spmatrix, data_weight: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """Bands and ascending offsets of ``L + diag(data_weight)``, float64, each of length n.
 
-    ``laplacian`` may be in any scipy format; the matting Laplacian comes
-    banded (:func:`matting_laplacian_bands`), anything else is converted.
+    The matting Laplacian comes banded (:func:`matting_laplacian_bands`);
+    another format is converted if it is banded enough (``_MAX_BAND_FILL``),
+    else None.
     """
     n = laplacian.shape[0]
+    if not sparse.issparse(laplacian) or laplacian.format != "dia":
+        coo = sparse.coo_matrix(laplacian)
+        if len(np.unique(coo.col.astype(np.int64) - coo.row)) * n > _MAX_BAND_FILL * max(coo.nnz, n):
+            return None
     dia = sparse.dia_matrix(laplacian)
     offsets = np.union1d(dia.offsets, [0]).astype(np.int64)  # sorted, with the diagonal
     bands = np.zeros((len(offsets), n))
@@ -704,10 +716,17 @@ def propagation_solver(
     edge = np.asarray(edge_mask, dtype=bool)
     shape = edge.shape
     data_weight = lam * edge.ravel().astype(np.float64)
-    bands, offsets = _system_bands(laplacian, data_weight)
-    n = bands.shape[1]
+    n = len(data_weight)
+    banded = _system_bands(laplacian, data_weight)
+    if banded is None:  # not a banded matrix: CSR products throughout
+        system = (sparse.csr_matrix(laplacian) + sparse.diags(data_weight)).tocsr()
+        system.sort_indices()
+    else:
+        bands, offsets = banded
 
     def system_csr(dtype) -> sparse.csr_matrix:
+        if banded is None:
+            return system.astype(dtype)
         # From the bands: tocsr drops their stored zeros (border entries).
         matrix = sparse.dia_matrix((bands.astype(dtype, copy=False), offsets), shape=(n, n)).tocsr()
         matrix.sort_indices()
@@ -728,10 +747,11 @@ def propagation_solver(
         candidates = np.column_stack([candidates, np.asarray(guide, dtype=np.float32).reshape(n, -1)])
     # The preconditioner needs no double precision (CG corrects it): float32
     # halves the memory traffic of the cycle for the same iteration count.
-    bands32 = bands.astype(np.float32)
     system32 = system_csr(np.float32)
-    levels, coarse_solve = _aggregation_hierarchy(system32, candidates, _BandMatrix(bands32, offsets, system32))
-    operators = {np.float32: levels[0].matrix, np.float64: _BandMatrix(bands, offsets)}
+    finest = None if banded is None else _BandMatrix(bands.astype(np.float32), offsets, system32)
+    levels, coarse_solve = _aggregation_hierarchy(system32, candidates, finest)
+    exact = _RowSplitMatrix(system) if banded is None else _BandMatrix(bands, offsets)
+    operators = {np.float32: levels[0].matrix, np.float64: exact}
 
     def solve_amg(sparse_values: np.ndarray, tol: float = 5e-4, x0: np.ndarray | None = None) -> np.ndarray:
         # Mixed-precision iterative refinement: CG runs in float32 on the
