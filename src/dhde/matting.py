@@ -733,10 +733,11 @@ def propagation_solver(
         return matrix
 
     if solver == "direct":
+        system_csc = system_csr(np.float64).tocsc()  # once, not per solve
 
         def solve_direct(sparse_values: np.ndarray, tol: float = 5e-4, x0: np.ndarray | None = None) -> np.ndarray:
             rhs = data_weight * np.asarray(sparse_values, dtype=np.float64).ravel()
-            return sparse_linalg.spsolve(system_csr(np.float64).tocsc(), rhs).reshape(shape)
+            return sparse_linalg.spsolve(system_csc, rhs).reshape(shape)
 
         return solve_direct
     if solver != "amg":
