@@ -279,3 +279,26 @@ def test_load_bad_metadata(tmp_path, authors_model_path, key, value, message):
     onnx.save(model, path)
     with pytest.raises(ModelError, match=message):
         DefocusModel.load(path)
+
+
+@pytest.mark.parametrize("conv_side", [25, 26, 27])  # last pool window 1, 2 and 3 wide
+def test_window_max_maps_gather_caffe_pool1(conv_side):
+    """Stacked window maxima + gather index == Caffe's ceil-mode 3/3 max pool of each patch's conv1 window."""
+    from dhde.model import _POOL_SIZE, _pool1_index, _window_max_maps
+
+    rng = np.random.default_rng(conv_side)
+    conv1_map = rng.standard_normal((conv_side + 11, conv_side + 7, 4)).astype(np.float32)
+    pool_side = -(-conv_side // _POOL_SIZE)
+    last = conv_side - _POOL_SIZE * (pool_side - 1)
+    flat_maps, layout = _window_max_maps(conv1_map, last)
+    tops = rng.integers(0, conv1_map.shape[0] - conv_side + 1, 40)
+    lefts = rng.integers(0, conv1_map.shape[1] - conv_side + 1, 40)
+    index = _pool1_index(tops, lefts, layout, pool_side, last, _POOL_SIZE)
+    assert index.shape == (40, pool_side**2) and index.min() >= 0 and index.max() < len(flat_maps)
+    gathered = flat_maps[index].reshape(40, pool_side, pool_side, -1)
+    for k, (y, x) in enumerate(zip(tops, lefts)):
+        window = conv1_map[y : y + conv_side, x : x + conv_side]
+        for i in range(pool_side):
+            for j in range(pool_side):
+                cell = window[3 * i : 3 * i + 3, 3 * j : 3 * j + 3]  # slicing clips the partial windows
+                np.testing.assert_array_equal(gathered[k, i, j], cell.max(axis=(0, 1)))

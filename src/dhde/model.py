@@ -426,6 +426,12 @@ def _patch_execution_graph(net: _Network) -> onnx.ModelProto:
 # (25 = 8·3 + 1). So four stride-1 max maps of the image's conv1 (window
 # heights × widths in {3, last} × {3, last}) hold every patch's pool1, and
 # a patch's pool1 is a gather from them. Conv2 onward stays per patch.
+#
+# onnxruntime computes conv1 in its blocked channel layout; the image head
+# returns it once, channels last, and the window maxima are taken in numpy
+# (:func:`_window_max_maps`). Computing the four maps in the graph as well
+# cost ~3× more (0.43 against 0.13 s on 0001, one thread): each map had to
+# be converted out of the blocked layout, then concatenated and transposed.
 
 
 def _pool_geometry(conv1: _Layer) -> tuple[int, int, int]:
@@ -436,33 +442,80 @@ def _pool_geometry(conv1: _Layer) -> tuple[int, int, int]:
 
 
 def _image_head_graph(conv1: _Layer) -> onnx.ModelProto:
-    """Graph: padded image (1, 3, H, W) → pool maps (1, H', W', 4·C), H' = H − k + 1.
-
-    Channel block m = 2·(window height is the last one) + (width is the last
-    one) holds at (u, v) the max of ReLU(conv1) over the window of that size
-    whose top left is (u, v) (where the window leaves the map, over its part
-    inside). So the flattened (H'·W'·4, C) maps have pool1 candidates in row
-    (u·W' + v)·4 + m.
-    """
-    _, _, last = _pool_geometry(conv1)
+    """Graph: padded image (1, 3, H, W) → ReLU(conv1) (1, H', W', C), channels last, H' = H − k + 1."""
     b = _GraphBuilder()
     relu = b.conv_relu(conv1, b.input("image", [1, 3, "H", "W"]))
+    b.node("Transpose", [relu], "conv1_map", perm=[0, 2, 3, 1])
+    return b.model([("conv1_map", [1, "H1", "W1", conv1.weight.shape[0]])], name="dhde_image_head")
 
-    def window_max(x: str, height: int, width: int, name: str) -> str:
-        if height == width == 1:
-            return x
-        # End padding keeps the map's size: one index formula for all maps.
-        return b.node("MaxPool", [x], name, kernel_shape=[height, width], pads=[0, 0, height - 1, width - 1])
 
-    maps = []
-    for height in (_POOL_SIZE, last):
-        rows = window_max(relu, height, 1, f"max{height}x1")
-        for width in (_POOL_SIZE, last):
-            maps.append(window_max(rows, 1, width, f"max{height}x{width}"))
-    stacked = b.node("Concat", maps, "maps_nchw", axis=1)
-    # Channels last: a patch's pool1 entry is then one contiguous row to gather.
-    b.node("Transpose", [stacked], "pool_maps", perm=[0, 2, 3, 1])
-    return b.model([("pool_maps", [1, "H1", "W1", 4 * conv1.weight.shape[0]])], name="dhde_image_head")
+def _window_max_maps(conv1_map: np.ndarray, last: int) -> tuple[np.ndarray, dict[tuple[int, int], tuple[int, int]]]:
+    """Every patch's pool1 candidates from a (H', W', C) conv1 map: stride-1 window maxima.
+
+    For each window size (h, w) in {3, last}², the map whose entry (u, v)
+    is the max over the h×w window with top left (u, v), for the windows
+    inside the map ((H' − h + 1) × (W' − w + 1): all a patch reaches). The
+    maps are stacked in one array so that the pooled tail needs one gather.
+
+    Returns:
+        flat_maps: (M, C) float32, the maps' rows one after another.
+        layout: (h, w) → (first row in ``flat_maps``, map width).
+    """
+    height, width, channels = conv1_map.shape
+    sizes = sorted({(h, w) for h in (_POOL_SIZE, last) for w in (_POOL_SIZE, last)})
+    layout, base = {}, 0
+    for h, w in sizes:
+        layout[(h, w)] = (base, width - w + 1)
+        base += (height - h + 1) * (width - w + 1)
+    flat_maps = np.empty((base, channels), dtype=np.float32)
+
+    def slot(h: int, w: int) -> np.ndarray:
+        start, map_width = layout[(h, w)]
+        return flat_maps[start : start + (height - h + 1) * map_width].reshape(height - h + 1, map_width, channels)
+
+    def running_max(values: np.ndarray, size: int, axis: int, out: np.ndarray) -> np.ndarray:
+        length = values.shape[axis] - size + 1
+        take = (lambda k: values[k : k + length]) if axis == 0 else (lambda k: values[:, k : k + length])
+        if size == 1:
+            np.copyto(out, take(0))
+        else:
+            np.maximum(take(0), take(1), out=out)
+            for k in range(2, size):
+                np.maximum(out, take(k), out=out)
+        return out
+
+    for h in {_POOL_SIZE, last}:
+        # The tall maps' widest version (w = 1) may not be kept: then a scratch array.
+        tall = slot(h, 1) if (h, 1) in layout else np.empty((height - h + 1, width, channels), np.float32)
+        running_max(conv1_map, h, 0, tall)
+        for w in {_POOL_SIZE, last} - {1}:
+            running_max(tall, w, 1, slot(h, w))
+    return flat_maps, layout
+
+
+def _pool1_index(tops: np.ndarray, lefts: np.ndarray, layout: dict[tuple[int, int], tuple[int, int]],
+                 pool_side: int, last: int, stride: int) -> np.ndarray:
+    """Rows of the stacked maps that form each patch's pool1.
+
+    Args:
+        tops, lefts: (n,) int, each patch's pool cell (0, 0) in map coordinates.
+        layout: as returned by :func:`_window_max_maps`.
+        pool_side: P.
+        last: side of the last (partial) pool window.
+        stride: map positions between neighbouring pool cells (3 in the
+            stride-1 image maps, 1 in a pooled mosaic).
+
+    Returns:
+        (n, P·P) int64, entry i·P + j for pool1 output (i, j).
+    """
+    side = [_POOL_SIZE] * (pool_side - 1) + [last]  # window height (row i) or width (column j)
+    # Cell (i, j) reads map (side[i], side[j]) at (top + stride·i, left + stride·j).
+    starts, widths = np.array([[layout[(h, w)] for w in side] for h in side], dtype=np.int64).reshape(-1, 2).T
+    cell_offsets = starts + stride * (np.repeat(np.arange(pool_side), pool_side) * widths
+                                      + np.tile(np.arange(pool_side), pool_side))
+    tops = np.asarray(tops, dtype=np.int64)[:, None]
+    lefts = np.asarray(lefts, dtype=np.int64)[:, None]
+    return tops * widths[None, :] + lefts + cell_offsets[None, :]
 
 
 # --- the other patches: conv1 + pool1 over a mosaic of them ---------------
@@ -513,25 +566,6 @@ def _pooled_tail_graph(net: _Network) -> onnx.ModelProto:
     return _network_graph(net, convs[1:], pool1, b)
 
 
-def _pool1_index(rows: np.ndarray, cols: np.ndarray, map_width: int, conv1: _Layer) -> np.ndarray:
-    """Rows of the flattened pool maps that form each patch's pool1.
-
-    Args:
-        rows, cols: (n,) int, top-left conv1-map position of each patch's window.
-        map_width: W' of the maps.
-
-    Returns:
-        (n, P·P) int64, entry i·P + j for pool1 output (i, j).
-    """
-    pool_side = _pool_geometry(conv1)[1]
-    width = map_width
-    steps = _POOL_SIZE * np.arange(pool_side)
-    is_last = np.arange(pool_side) == pool_side - 1
-    which_map = 2 * is_last[:, None] + is_last[None, :]  # see _image_head_graph
-    offsets = (steps[:, None] * width + steps[None, :]) * 4 + which_map
-    return ((rows * width + cols) * 4)[:, None] + offsets.ravel()[None, :]
-
-
 # ---------------------------------------------------------------------------
 # Running it
 # ---------------------------------------------------------------------------
@@ -541,9 +575,11 @@ def _pool1_index(rows: np.ndarray, cols: np.ndarray, map_width: int, conv1: _Lay
 PatchSource = Union[np.ndarray, Iterable[tuple[int, int, np.ndarray]], None]
 
 #: Upper bound on the pool maps of one band of image rows in the shared-conv1
-#: path: bounds memory (onnxruntime's intermediates are ~4× the maps). On
-#: 0001 (7 bands) as fast as one band, ~0.1 s faster than 16 MiB (19 bands,
-#: each recomputing 24 overlap rows), ~0.2 GB less peak memory than 64 MiB.
+#: path (four conv1-sized maps of window maxima, plus conv1 itself): bounds
+#: memory. Measured with the maps computed in numpy (network alone on 0001,
+#: 7 bands; medians of 5): 8 MiB (24 bands of 27 rows, each recomputing 26
+#: overlap rows) and 32 MiB within run-to-run noise of each other (1.85-2.05 s
+#: CPU), 64 MiB ~15 % slower (maps no longer cache-friendly).
 _POOL_MAP_BYTES = 32 * 2**20
 
 
@@ -826,8 +862,9 @@ class DefocusModel:
             # The network sees patches transposed: use the transposed image.
             image, positions = rgb_padded.transpose(1, 0, 2), positions[:, ::-1]
         conv1 = self._padded_convs[0]
-        conv_side = _pool_geometry(conv1)[0]
+        conv_side, pool_side, last = _pool_geometry(conv1)
         map_width = image.shape[1] - conv1.weight.shape[2] + 1
+        # conv1 and its window maxima: up to four maps of this size.
         row_bytes = 4 * map_width * conv1.weight.shape[0] * np.dtype(np.float32).itemsize
         # At least a patch's height of rows per band, so overlaps cost ≤ 2×.
         band_rows = max(PATCH_SIZE, _POOL_MAP_BYTES // row_bytes - (conv_side - 1))
@@ -839,15 +876,15 @@ class DefocusModel:
             top = band * band_rows  # first patch-window row of the band, padded coordinates
             bottom = min(image.shape[0], top + band_rows + PATCH_SIZE - 1)
             band_image = np.ascontiguousarray(image[top:bottom].transpose(2, 0, 1)[None], dtype=np.float32)
-            maps = self._head_session.run(["pool_maps"], {"image": band_image})[0][0]
-            flat_maps = maps.reshape(-1, conv1.weight.shape[0])
+            conv1_map = self._head_session.run(["conv1_map"], {"image": band_image})[0][0]
+            flat_maps, layout = _window_max_maps(conv1_map, last)
             sub = _subset(hand, chosen)
             for start, stop, _ in _ranges(len(chosen), batch_size, None):
                 rows = positions[chosen[start:stop], 0] - top
                 cols = positions[chosen[start:stop], 1]
                 feed = _feed(sub, start, stop)
                 feed["pool_maps"] = flat_maps
-                feed["pool_index"] = _pool1_index(rows, cols, maps.shape[1], conv1)
+                feed["pool_index"] = _pool1_index(rows, cols, layout, pool_side, last, _POOL_SIZE)
                 prob[chosen[start:stop]] = self._tail_session.run(["prob"], feed)[0]
         return prob
 
@@ -862,8 +899,7 @@ class DefocusModel:
         """
         from . import patches  # the patch stage; imported here to keep dhde.model light
 
-        channels = self._padded_convs[0].weight.shape[0]
-        cells = _pool_geometry(self._padded_convs[0])[1]
+        _, cells, last = _pool_geometry(self._padded_convs[0])
         prob = np.empty((len(positions), len(self.sigma_labels)), dtype=np.float32)
         for start, stop, _ in _ranges(len(positions), min(batch_size, _TILES_PER_MOSAIC), None):
             batch = patches.colour_patches(rgb_padded, pad, positions[start:stop], scales[start:stop])
@@ -880,16 +916,16 @@ class DefocusModel:
             mosaic = tiles.reshape(rows, columns, _TILE, _TILE, 3).transpose(4, 0, 2, 1, 3)
             mosaic = np.ascontiguousarray(mosaic.reshape(1, 3, rows * _TILE, columns * _TILE))
             maps = self._tile_head_session.run(["pool_maps"], {"image": mosaic})[0][0]
-            # Tile t's pool1 cell (i, j) is map position (10·row(t) + i, 10·col(t) + j).
+            # Tile t's pool1 cell (i, j) is map position (10·row(t) + i, 10·col(t) + j),
+            # whatever the size of its pool window.
             tile = np.arange(count)
             top = (tile // columns) * (_TILE // _POOL_SIZE)
             left = (tile % columns) * (_TILE // _POOL_SIZE)
-            offsets = np.arange(cells)
-            index = ((top[:, None, None] + offsets[None, :, None]) * maps.shape[1]
-                     + left[:, None, None] + offsets[None, None, :]).reshape(count, cells * cells)
             feed = _feed(hand, start, stop)
-            feed["pool_maps"] = maps.reshape(-1, channels)
-            feed["pool_index"] = index.astype(np.int64)
+            flat_maps = maps.reshape(-1, maps.shape[2])
+            one_map = dict.fromkeys([(h, w) for h in (_POOL_SIZE, last) for w in (_POOL_SIZE, last)], (0, maps.shape[1]))
+            feed["pool_maps"] = flat_maps
+            feed["pool_index"] = _pool1_index(top, left, one_map, cells, last, 1)
             prob[start:stop] = self._tail_session.run(["prob"], feed)[0]
         return prob
 
