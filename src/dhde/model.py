@@ -485,7 +485,7 @@ def _window_max_maps(conv1_map: np.ndarray, last: int) -> tuple[np.ndarray, dict
         return out
 
     for h in {_POOL_SIZE, last}:
-        # The tall maps' widest version (w = 1) may not be kept: then a scratch array.
+        # Maxima over h rows first; that h×1 map is one of the kept maps only if last = 1.
         tall = slot(h, 1) if (h, 1) in layout else np.empty((height - h + 1, width, channels), np.float32)
         running_max(conv1_map, h, 0, tall)
         for w in {_POOL_SIZE, last} - {1}:
