@@ -449,6 +449,11 @@ def _image_head_graph(conv1: _Layer) -> onnx.ModelProto:
     return b.model([("conv1_map", [1, "H1", "W1", conv1.weight.shape[0]])], name="dhde_image_head")
 
 
+def _pool_window_sizes(last: int) -> list[tuple[int, int]]:
+    """The (height, width) of pool1 windows: full (3) or the partial last one."""
+    return sorted({(h, w) for h in (_POOL_SIZE, last) for w in (_POOL_SIZE, last)})
+
+
 def _window_max_maps(conv1_map: np.ndarray, last: int) -> tuple[np.ndarray, dict[tuple[int, int], tuple[int, int]]]:
     """Every patch's pool1 candidates from a (H', W', C) conv1 map: stride-1 window maxima.
 
@@ -462,9 +467,8 @@ def _window_max_maps(conv1_map: np.ndarray, last: int) -> tuple[np.ndarray, dict
         layout: (h, w) → (first row in ``flat_maps``, map width).
     """
     height, width, channels = conv1_map.shape
-    sizes = sorted({(h, w) for h in (_POOL_SIZE, last) for w in (_POOL_SIZE, last)})
     layout, base = {}, 0
-    for h, w in sizes:
+    for h, w in _pool_window_sizes(last):
         layout[(h, w)] = (base, width - w + 1)
         base += (height - h + 1) * (width - w + 1)
     flat_maps = np.empty((base, channels), dtype=np.float32)
@@ -577,9 +581,9 @@ PatchSource = Union[np.ndarray, Iterable[tuple[int, int, np.ndarray]], None]
 #: Upper bound on the pool maps of one band of image rows in the shared-conv1
 #: path (four conv1-sized maps of window maxima, plus conv1 itself): bounds
 #: memory. Measured with the maps computed in numpy (network alone on 0001,
-#: 7 bands; medians of 5): 8 MiB (24 bands of 27 rows, each recomputing 26
-#: overlap rows) and 32 MiB within run-to-run noise of each other (1.85-2.05 s
-#: CPU), 64 MiB ~15 % slower (maps no longer cache-friendly).
+#: medians of 5): 8 MiB (24 bands of 27 rows, each recomputing 26 overlap
+#: rows) and 32 MiB (7 bands) within run-to-run noise of each other
+#: (1.85-2.05 s CPU), 64 MiB ~15 % slower (maps no longer cache-friendly).
 _POOL_MAP_BYTES = 32 * 2**20
 
 
@@ -923,7 +927,7 @@ class DefocusModel:
             left = (tile % columns) * (_TILE // _POOL_SIZE)
             feed = _feed(hand, start, stop)
             flat_maps = maps.reshape(-1, maps.shape[2])
-            one_map = dict.fromkeys([(h, w) for h in (_POOL_SIZE, last) for w in (_POOL_SIZE, last)], (0, maps.shape[1]))
+            one_map = dict.fromkeys(_pool_window_sizes(last), (0, maps.shape[1]))  # every cell reads the pooled map
             feed["pool_maps"] = flat_maps
             feed["pool_index"] = _pool1_index(top, left, one_map, cells, last, 1)
             prob[start:stop] = self._tail_session.run(["prob"], feed)[0]
