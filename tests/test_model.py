@@ -293,7 +293,7 @@ def test_window_max_maps_gather_caffe_pool1(conv_side):
     flat_maps, layout = _window_max_maps(conv1_map, last)
     tops = rng.integers(0, conv1_map.shape[0] - conv_side + 1, 40)
     lefts = rng.integers(0, conv1_map.shape[1] - conv_side + 1, 40)
-    index = _pool1_index(tops, lefts, layout, pool_side, last, _POOL_SIZE)
+    index = _pool1_index(tops, lefts, layout, pool_side, last)
     assert index.shape == (40, pool_side**2) and index.min() >= 0 and index.max() < len(flat_maps)
     gathered = flat_maps[index].reshape(40, pool_side, pool_side, -1)
     for k, (y, x) in enumerate(zip(tops, lefts)):

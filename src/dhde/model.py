@@ -449,11 +449,6 @@ def _image_head_graph(conv1: _Layer) -> onnx.ModelProto:
     return b.model([("conv1_map", [1, "H1", "W1", conv1.weight.shape[0]])], name="dhde_image_head")
 
 
-def _pool_window_sizes(last: int) -> list[tuple[int, int]]:
-    """The (height, width) of pool1 windows: full (3) or the partial last one."""
-    return sorted({(h, w) for h in (_POOL_SIZE, last) for w in (_POOL_SIZE, last)})
-
-
 def _window_max_maps(conv1_map: np.ndarray, last: int) -> tuple[np.ndarray, dict[tuple[int, int], tuple[int, int]]]:
     """Every patch's pool1 candidates from a (H', W', C) conv1 map: stride-1 window maxima.
 
@@ -468,7 +463,7 @@ def _window_max_maps(conv1_map: np.ndarray, last: int) -> tuple[np.ndarray, dict
     """
     height, width, channels = conv1_map.shape
     layout, base = {}, 0
-    for h, w in _pool_window_sizes(last):
+    for h, w in sorted({(h, w) for h in (_POOL_SIZE, last) for w in (_POOL_SIZE, last)}):
         layout[(h, w)] = (base, width - w + 1)
         base += (height - h + 1) * (width - w + 1)
     flat_maps = np.empty((base, channels), dtype=np.float32)
@@ -477,7 +472,7 @@ def _window_max_maps(conv1_map: np.ndarray, last: int) -> tuple[np.ndarray, dict
         start, map_width = layout[(h, w)]
         return flat_maps[start : start + (height - h + 1) * map_width].reshape(height - h + 1, map_width, channels)
 
-    def running_max(values: np.ndarray, size: int, axis: int, out: np.ndarray) -> np.ndarray:
+    def running_max(values: np.ndarray, size: int, axis: int, out: np.ndarray) -> None:
         length = values.shape[axis] - size + 1
         take = (lambda k: values[k : k + length]) if axis == 0 else (lambda k: values[:, k : k + length])
         if size == 1:
@@ -486,7 +481,6 @@ def _window_max_maps(conv1_map: np.ndarray, last: int) -> tuple[np.ndarray, dict
             np.maximum(take(0), take(1), out=out)
             for k in range(2, size):
                 np.maximum(out, take(k), out=out)
-        return out
 
     for h in {_POOL_SIZE, last}:
         # Maxima over h rows first; that h×1 map is one of the kept maps only if last = 1.
@@ -498,24 +492,22 @@ def _window_max_maps(conv1_map: np.ndarray, last: int) -> tuple[np.ndarray, dict
 
 
 def _pool1_index(tops: np.ndarray, lefts: np.ndarray, layout: dict[tuple[int, int], tuple[int, int]],
-                 pool_side: int, last: int, stride: int) -> np.ndarray:
+                 pool_side: int, last: int) -> np.ndarray:
     """Rows of the stacked maps that form each patch's pool1.
 
     Args:
-        tops, lefts: (n,) int, each patch's pool cell (0, 0) in map coordinates.
+        tops, lefts: (n,) int, top-left conv1-map position of each patch's window.
         layout: as returned by :func:`_window_max_maps`.
         pool_side: P.
         last: side of the last (partial) pool window.
-        stride: map positions between neighbouring pool cells (3 in the
-            stride-1 image maps, 1 in a pooled mosaic).
 
     Returns:
         (n, P·P) int64, entry i·P + j for pool1 output (i, j).
     """
     side = [_POOL_SIZE] * (pool_side - 1) + [last]  # window height (row i) or width (column j)
-    # Cell (i, j) reads map (side[i], side[j]) at (top + stride·i, left + stride·j).
+    # Cell (i, j) reads map (side[i], side[j]) at (top + 3i, left + 3j).
     starts, widths = np.array([[layout[(h, w)] for w in side] for h in side], dtype=np.int64).reshape(-1, 2).T
-    cell_offsets = starts + stride * (np.repeat(np.arange(pool_side), pool_side) * widths
+    cell_offsets = starts + _POOL_SIZE * (np.repeat(np.arange(pool_side), pool_side) * widths
                                       + np.tile(np.arange(pool_side), pool_side))
     tops = np.asarray(tops, dtype=np.int64)[:, None]
     lefts = np.asarray(lefts, dtype=np.int64)[:, None]
@@ -888,7 +880,7 @@ class DefocusModel:
                 cols = positions[chosen[start:stop], 1]
                 feed = _feed(sub, start, stop)
                 feed["pool_maps"] = flat_maps
-                feed["pool_index"] = _pool1_index(rows, cols, layout, pool_side, last, _POOL_SIZE)
+                feed["pool_index"] = _pool1_index(rows, cols, layout, pool_side, last)
                 prob[chosen[start:stop]] = self._tail_session.run(["prob"], feed)[0]
         return prob
 
@@ -903,7 +895,8 @@ class DefocusModel:
         """
         from . import patches  # the patch stage; imported here to keep dhde.model light
 
-        _, cells, last = _pool_geometry(self._padded_convs[0])
+        channels = self._padded_convs[0].weight.shape[0]
+        cells = _pool_geometry(self._padded_convs[0])[1]
         prob = np.empty((len(positions), len(self.sigma_labels)), dtype=np.float32)
         for start, stop, _ in _ranges(len(positions), min(batch_size, _TILES_PER_MOSAIC), None):
             batch = patches.colour_patches(rgb_padded, pad, positions[start:stop], scales[start:stop])
@@ -920,16 +913,16 @@ class DefocusModel:
             mosaic = tiles.reshape(rows, columns, _TILE, _TILE, 3).transpose(4, 0, 2, 1, 3)
             mosaic = np.ascontiguousarray(mosaic.reshape(1, 3, rows * _TILE, columns * _TILE))
             maps = self._tile_head_session.run(["pool_maps"], {"image": mosaic})[0][0]
-            # Tile t's pool1 cell (i, j) is map position (10·row(t) + i, 10·col(t) + j),
-            # whatever the size of its pool window.
+            # Tile t's pool1 cell (i, j) is map position (10·row(t) + i, 10·col(t) + j).
             tile = np.arange(count)
             top = (tile // columns) * (_TILE // _POOL_SIZE)
             left = (tile % columns) * (_TILE // _POOL_SIZE)
+            offsets = np.arange(cells)
+            index = ((top[:, None, None] + offsets[None, :, None]) * maps.shape[1]
+                     + left[:, None, None] + offsets[None, None, :]).reshape(count, cells * cells)
             feed = _feed(hand, start, stop)
-            flat_maps = maps.reshape(-1, maps.shape[2])
-            one_map = dict.fromkeys(_pool_window_sizes(last), (0, maps.shape[1]))  # every cell reads the pooled map
-            feed["pool_maps"] = flat_maps
-            feed["pool_index"] = _pool1_index(top, left, one_map, cells, last, 1)
+            feed["pool_maps"] = maps.reshape(-1, channels)
+            feed["pool_index"] = index.astype(np.int64)
             prob[start:stop] = self._tail_session.run(["prob"], feed)[0]
         return prob
 
