@@ -123,3 +123,14 @@ def test_noise_image_has_finite_output(estimator):
         warnings.simplefilter("error")
         result = estimator(rng.random((60, 70, 3)))
     assert np.isfinite(result.defocus).all()
+
+
+def test_sequential_setup_gives_the_same_maps(authors_model_path, results, reference_dir):
+    # overlap_setup=False builds the guide, Laplacian and solver after the
+    # network in the calling thread (benchmarks/bench_work.py measures that way).
+    with DefocusEstimator(authors_model_path, DHDEConfig(overlap_setup=False)) as est:
+        sequential = est(reference_dir / "images" / "0002.jpg")
+    np.testing.assert_array_equal(sequential.dense, results["0002"].dense)
+    np.testing.assert_array_equal(sequential.defocus, results["0002"].defocus)
+    assert "wait_propagation_setup" not in sequential.timings
+    assert sequential.timings["solver_setup"] > 0 and sequential.timings["laplacian"] > 0

@@ -129,6 +129,12 @@ class DHDEConfig:
     # --- threads -----------------------------------------------------------
     #: Threads for onnxruntime and OpenCV; 0 = all cores.
     num_threads: int = 0
+    #: Build the guide image, matting Laplacian and solver hierarchy (§8, §10)
+    #: in a background thread while the features and the network run (they
+    #: depend only on the image and its edges). False builds them in sequence
+    #: after the network: same results, slower on several cores; for measuring
+    #: each stage's work alone (``benchmarks/bench_work.py``) and debugging.
+    overlap_setup: bool = True
 
     def canny_thresholds(self, training: bool = False) -> tuple[tuple[float, float], tuple[float, float]]:
         """(weak, strong) [low, high] threshold pairs for inference or training."""

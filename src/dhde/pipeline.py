@@ -218,7 +218,8 @@ class DefocusEstimator:
                 result = self._to_input_size(result, working_pixels, pixels, scale, timer, start)
             return result
 
-        propagation_setup = self._background.submit(_prepare_propagation, rgb, edge_mask, cfg)
+        if cfg.overlap_setup:
+            propagation_setup = self._background.submit(_prepare_propagation, rgb, edge_mask, cfg)
 
         # §3–5: multi-scale patches, hand-crafted features, network.
         with timer("features"):
@@ -249,9 +250,13 @@ class DefocusEstimator:
         # §8–10 (setup): the guide image, the matting Laplacian and the
         # solver's multigrid hierarchy depend only on the image and the
         # edges, so they were started in the background before the features
-        # (the solve itself is mostly single-threaded work).
-        with timer("wait_propagation_setup"):
-            guide, solve, setup_timings = propagation_setup.result()
+        # (the solve itself is mostly single-threaded work), unless
+        # config.overlap_setup is off.
+        if cfg.overlap_setup:
+            with timer("wait_propagation_setup"):
+                guide, solve, setup_timings = propagation_setup.result()
+        else:
+            guide, solve, setup_timings = _prepare_propagation(rgb, edge_mask, cfg)
         timer.timings.update(setup_timings)
 
         # §9: probability-joint bilateral filter.
